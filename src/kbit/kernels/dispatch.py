@@ -1,0 +1,69 @@
+"""Chooses the implementation of each quantization op from the tensor's device.
+
+CUDA tensors use the Triton kernels when Triton imports; everything else (CPU, or ``KBIT_KERNELS=reference``) uses the
+PyTorch reference in :mod:`kbit.quant`. Both produce identical bytes and values; tests hold them to that.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+
+import torch
+
+from ..quant import blockwise4, blockwise8
+from ..quant.state import QuantState
+
+
+@cache
+def _triton_ok() -> bool:
+    if os.environ.get("KBIT_KERNELS", "auto") == "reference":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when ``t`` lives on a CUDA device and the Triton kernels are available."""
+    return t.is_cuda and _triton_ok()
+
+
+def quantize_4bit(x: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 [(n+1)//2], absmax fp32)."""
+    if use_triton(x):
+        from .triton import quant4
+
+        return quant4.quantize_4bit(x, quant_type, blocksize)
+    return blockwise4.quantize_4bit_ref(x, quant_type, blocksize)
+
+
+def dequantize_4bit(raw: torch.Tensor, state: QuantState, out_dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize flat packed bytes with ``state`` (double quant included)."""
+    if use_triton(raw):
+        from .triton import quant4
+
+        return quant4.dequantize_4bit(raw, state, out_dtype)
+    return blockwise4.dequantize_4bit_ref(raw, blockwise4.dequantize_absmax(state), state, out_dtype)
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 codes shaped like x, absmax fp32)."""
+    if use_triton(x):
+        from .triton import quant8
+
+        return quant8.quantize_blockwise(x, code, blocksize)
+    return blockwise8.quantize_blockwise_ref(x, code, blocksize)
+
+
+def dequantize_blockwise(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``code[q] * absmax[block]`` cast to ``out_dtype``."""
+    if use_triton(q):
+        from .triton import quant8
+
+        return quant8.dequantize_blockwise(q, absmax, code, blocksize, out_dtype)
+    return blockwise8.dequantize_blockwise_ref(q, absmax, code, blocksize, out_dtype)

@@ -1,0 +1,147 @@
+"""Blockwise 4-bit quantization (NF4 / FP4), bit-exact with bitsandbytes 0.50.
+
+Format: the input is flattened row-major (blocks cross rows); per block of ``blocksize`` elements
+``absmax = max |x|`` (float32); each element is scaled, ``s = clamp(x * (1 / absmax), -1, 1)`` (for a partial last
+block bitsandbytes divides instead: ``s = x / absmax``), and gets the code of its nearest table value (ties to the
+lower one). Two codes per byte, element 2k in the high nibble; an odd count is padded with the code of 0.0. The bytes
+are then only *viewed* as ``quant_storage`` (never converted), shaped (bytes / itemsize, 1).
+With double quantization the block scales are stored as 8-bit codes of ``absmax - mean(absmax)``
+(:mod:`kbit.quant.blockwise8`, blocksize 256, signed dynamic map).
+
+Dequantization is ``table[code] * absmax`` in float32, rounded to the output dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import validate
+from .blockwise8 import dequantize_blockwise, quantize_blockwise
+from .codebooks import bounds_4bit, check_quant_type, code_4bit, dynamic_map
+from .state import QuantState
+
+BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256
+
+
+def check_blocksize(blocksize: int) -> None:
+    """Raise a ValueError unless ``blocksize`` is a supported 4-bit blocksize."""
+    if blocksize not in BLOCKSIZES_4BIT:
+        raise ValueError(f"blocksize {blocksize!r} is not supported; use one of {list(BLOCKSIZES_4BIT)}")
+
+
+def quantize_4bit(
+    x: torch.Tensor,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    compress_statistics: bool = False,
+    quant_storage: torch.dtype = torch.uint8,
+) -> tuple[torch.Tensor, QuantState]:
+    """Quantize ``x`` blockwise to 4 bits; returns (packed bytes viewed as ``quant_storage``, state)."""
+    validate.check_float_input(x, "x")
+    check_quant_type(quant_type)
+    check_blocksize(blocksize)
+    validate.check_storage(quant_storage)
+    from ..kernels import dispatch
+
+    packed, absmax = dispatch.quantize_4bit(x, quant_type, blocksize)
+    state = QuantState(
+        absmax=absmax,
+        shape=x.shape,
+        dtype=x.dtype,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        code=code_4bit(quant_type, x.device),
+    )
+    if compress_statistics:
+        state = compress_absmax(state)
+    return view_storage(packed, quant_storage), state
+
+
+def compress_absmax(state: QuantState) -> QuantState:
+    """Double quantization: 8-bit codes of ``absmax - mean(absmax)`` in blocks of 256 (signed dynamic map)."""
+    absmax = state.absmax
+    # The mean is taken on the CPU with torch's own float32 reduction so that the offset (and so every nested
+    # code) is identical to bitsandbytes' on any device; a GPU reduction sums in another order.
+    offset = absmax.cpu().mean().to(absmax.device)
+    code8 = dynamic_map(True, absmax.device)
+    q, nested_absmax = quantize_blockwise(absmax - offset, code8, NESTED_BLOCKSIZE)
+    state.absmax, state.offset = q, offset
+    state.nested_absmax, state.nested_code = nested_absmax, code8
+    state.nested_blocksize, state.nested_dtype = NESTED_BLOCKSIZE, torch.float32
+    return state
+
+
+def dequantize_absmax(state: QuantState) -> torch.Tensor:
+    """The float32 block scales of ``state`` (reconstructed from their 8-bit codes under double quant)."""
+    if not state.nested:
+        return state.absmax.float()
+    return dequantize_blockwise(state.absmax, state.nested_absmax, state.nested_code, state.nested_blocksize) + (
+        state.offset
+    )
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dequantize packed 4-bit ``packed`` (any storage dtype) to ``state.shape`` in ``out_dtype`` (default state.dtype)."""
+    out_dtype = state.dtype if out_dtype is None else out_dtype
+    validate.check_out_dtype(out_dtype)
+    check_quant_type(state.quant_type)
+    check_blocksize(state.blocksize)
+    raw = as_bytes(packed)
+    need = (state.shape.numel() + 1) // 2
+    if not need <= raw.numel() < need + packed.element_size():  # storage views may pad to a whole element
+        raise ValueError(f"packed tensor has {raw.numel()} bytes but shape {tuple(state.shape)} needs {need}")
+    raw = raw[:need]
+    from ..kernels import dispatch
+
+    return dispatch.dequantize_4bit(raw, state, out_dtype)
+
+
+def view_storage(packed_u8: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:
+    """View packed uint8 bytes as ``quant_storage``, shape (bytes / itemsize, 1). Bytes are never converted."""
+    validate.check_storage(quant_storage)
+    flat = packed_u8.reshape(-1)
+    item = torch.empty((), dtype=quant_storage).element_size()
+    if flat.numel() % item:
+        # bitsandbytes cannot store this either; pad rather than fail so any shape quantizes
+        flat = torch.nn.functional.pad(flat, (0, item - flat.numel() % item))
+    return flat.view(quant_storage).unsqueeze(1)
+
+
+def as_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """The packed bytes of a 4-bit tensor stored in any ``quant_storage`` dtype, flat uint8 (a view, no copy)."""
+    validate.check_storage(packed.dtype)
+    return packed.contiguous().view(torch.uint8).reshape(-1) if packed.dtype != torch.uint8 else packed.reshape(-1)
+
+
+# ---- PyTorch reference implementations (CPU, tests; the Triton kernels must match them bit for bit) ----
+
+
+def quantize_4bit_ref(x: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference 4-bit quantizer: (packed uint8 [(n+1)//2], absmax fp32 [blocks])."""
+    flat = x.reshape(-1).float()
+    n = flat.numel()
+    full = n - n % blocksize
+    absmax_full = flat[:full].view(-1, blocksize).abs().amax(dim=1)
+    scaled = (flat[:full].view(-1, blocksize) * (1.0 / absmax_full.clamp(min=1e-38))[:, None]).reshape(-1)
+    absmax = absmax_full
+    if full < n:
+        am = flat[full:].abs().amax().clamp(min=1e-38)  # a zero tail stores 1e-38, like bitsandbytes
+        absmax = torch.cat([absmax_full, am[None]])
+        scaled = torch.cat([scaled, flat[full:] / am])
+    scaled = scaled.clamp(-1.0, 1.0)
+    if n % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    mid, order = bounds_4bit(quant_type, x.device)
+    q = order[torch.bucketize(scaled, mid)]
+    packed = (q[0::2] << 4) | q[1::2]
+    return packed, absmax
+
+
+def dequantize_4bit_ref(raw: torch.Tensor, absmax: torch.Tensor, state: QuantState, out_dtype: torch.dtype) -> torch.Tensor:
+    """Reference 4-bit dequantizer from flat bytes and float32 block scales."""
+    n = state.shape.numel()
+    codes = torch.stack([raw >> 4, raw & 0x0F], dim=1).reshape(-1)[:n].long()
+    table = state.code.to(raw.device, torch.float32)
+    idx = torch.arange(n, device=raw.device) // state.blocksize
+    return (table[codes] * absmax[idx]).to(out_dtype).reshape(state.shape)
