@@ -140,8 +140,13 @@ def quantize_4bit_ref(x: torch.Tensor, quant_type: str, blocksize: int) -> tuple
 
 def dequantize_4bit_ref(raw: torch.Tensor, absmax: torch.Tensor, state: QuantState, out_dtype: torch.dtype) -> torch.Tensor:
     """Reference 4-bit dequantizer from flat bytes and float32 block scales."""
-    n = state.shape.numel()
-    codes = torch.stack([raw >> 4, raw & 0x0F], dim=1).reshape(-1)[:n].long()
+    n, bs = state.shape.numel(), state.blocksize
     table = state.code.to(raw.device, torch.float32)
-    idx = torch.arange(n, device=raw.device) // state.blocksize
-    return (table[codes] * absmax[idx]).to(out_dtype).reshape(state.shape)
+    # one gather through a 256-entry byte -> (high, low) value table instead of unpacking nibbles separately
+    pairs = torch.stack([table.repeat_interleave(16), table.repeat(16)], dim=1)
+    vals = pairs[raw.long()].reshape(-1)
+    nb = absmax.numel()
+    if vals.numel() < nb * bs:
+        vals = torch.nn.functional.pad(vals, (0, nb * bs - vals.numel()))
+    out = vals[: nb * bs].view(nb, bs) * absmax.float()[:, None]
+    return out.reshape(-1)[:n].to(out_dtype).reshape(state.shape)
