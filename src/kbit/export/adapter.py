@@ -1,0 +1,251 @@
+"""Adapter folders in PEFT's format: kbit writes them, and reads the ones kbit or PEFT wrote.
+
+A folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys are PEFT's, e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` (``lora_A`` [r, in], ``lora_B`` [out, r]),
+DoRA's ``….lora_magnitude_vector`` [out] and modules_to_save copies as ``base_model.model.lm_head.weight``.
+PEFT keeps an adapter name in its in-memory keys (``lora_A.default.weight``); files with it are read too.
+Tensors are saved in the adapter's dtype (bf16 by default); PEFT casts them to its own on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..lora.inject import (
+    SETTINGS_ATTR,
+    LoraSettings,
+    apply_lora,
+    lora_layers,
+    lora_settings,
+    saved_modules,
+    target_names,
+)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."  # PeftModel.base_model (LoraModel) .model (the user's model)
+
+# PEFT's in-memory keys carry the adapter name; a file saved from them reads as if saved without it.
+_ADAPTER_NAME_INFIXES = [
+    (re.compile(r"\.(lora_A|lora_B)\.[^.]+\.weight$"), r".\1.weight"),
+    (re.compile(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$"), ".lora_magnitude_vector"),
+    (re.compile(r"\.modules_to_save\.[^.]+\."), "."),
+]
+# PEFT options kbit does not implement, with the value that means "not used".
+_UNSUPPORTED = {
+    "bias": "none",
+    "lora_bias": False,
+    "fan_in_fan_out": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "exclude_modules": None,
+    "target_parameters": None,
+    "layer_replication": None,
+    "trainable_token_indices": None,
+    "use_qalora": False,
+}
+# Initialisations after which PEFT's adapter only fits a base whose weights PEFT also changed.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)  # torch.compile's wrapper prefixes every name with "_orig_mod."
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's live tensors under PEFT's file keys: LoRA A/B, DoRA magnitudes, modules_to_save."""
+    model = _unwrap(model)
+    lora_settings(model)  # raises a clear error for a model without LoRA
+    state: dict[str, torch.Tensor] = {}
+    for path, layer in lora_layers(model):
+        state[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A.weight
+        state[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B.weight
+        if layer.lora_magnitude_vector is not None:
+            state[f"{PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector
+    for path, module in saved_modules(model):
+        for key, tensor in module.state_dict(keep_vars=True).items():
+            state[f"{PREFIX}{path}.{key}"] = tensor
+    return state
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+    """The adapter_config.json content PEFT expects for ``model``'s adapter."""
+    model = _unwrap(model)
+    settings = lora_settings(model)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": settings.r,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": target_names(model),
+        "use_rslora": settings.use_rslora,
+        "use_dora": settings.use_dora,
+        "modules_to_save": list(settings.modules_to_save) or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True if settings.init == "kaiming" else settings.init,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "inference_mode": True,
+    }
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write via ``write`` to a temporary file beside ``path``, then rename: readers never see half a file."""
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model``'s adapter as a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is a file; save_adapter needs a folder")
+    if directory.is_dir() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"{directory} already exists and is not empty; pass overwrite=True to write into it"
+        )
+    config = adapter_config(model, base_model_name_or_path)
+    tensors = {key: t.detach().to("cpu").contiguous() for key, t in adapter_state_dict(model).items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomically(
+        directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"})
+    )
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _write_atomically(directory / CONFIG_NAME, lambda p: p.write_text(text))
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict:
+    """The parsed adapter_config.json of an adapter folder; FileNotFoundError names what is missing."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter folder {directory} does not exist")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
+        )
+    return json.loads(path.read_text())
+
+
+def settings_from_config(config: dict, source: str | os.PathLike = CONFIG_NAME) -> LoraSettings:
+    """LoraSettings for a PEFT adapter config; ValueError for PEFT features kbit does not implement."""
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{source}: peft_type is {config.get('peft_type')!r}; kbit reads LoRA adapters only")
+    for key, unused in _UNSUPPORTED.items():
+        value = config.get(key)
+        if value is not None and value != unused and value not in ([], {}):
+            raise ValueError(f"{source}: {key}={value!r} is a PEFT option kbit does not support")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ValueError(
+            f"{source}: init_lora_weights={init!r} changed the base weights when the adapter was made, so it "
+            "does not fit the original base model; convert it to a plain LoRA with PEFT first"
+        )
+    init_name = "gaussian" if init == "gaussian" else "kaiming"  # the loaded weights replace them anyway
+    target = config.get("target_modules")
+    if not target:
+        raise ValueError(f"{source}: target_modules is empty; kbit needs the names of the adapted layers")
+    return LoraSettings(
+        r=config.get("r", 8),  # PEFT's defaults for keys a hand-written config may omit
+        alpha=config.get("lora_alpha", 8),
+        dropout=config.get("lora_dropout", 0.0),
+        target_modules=target if isinstance(target, str) else tuple(target),
+        use_rslora=bool(config.get("use_rslora", False)),
+        use_dora=bool(config.get("use_dora", False)),
+        init=init_name,
+        modules_to_save=tuple(config.get("modules_to_save") or ()),
+    )
+
+
+def _file_key(key: str) -> str:
+    """A key as kbit saves it: PEFT prefix present, adapter name removed."""
+    for pattern, replacement in _ADAPTER_NAME_INFIXES:
+        key = pattern.sub(replacement, key)
+    return key if key.startswith(PREFIX) else PREFIX + key
+
+
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, dtype: torch.dtype = torch.bfloat16
+) -> nn.Module:
+    """Load a PEFT-format LoRA folder into ``model``, first adding LoRA layers in ``dtype`` if it has none."""
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        legacy = (directory / "adapter_model.bin").exists()
+        hint = " (adapter_model.bin is there: re-save the adapter as safetensors)" if legacy else ""
+        raise FileNotFoundError(f"{weights} is missing{hint}")
+    settings = settings_from_config(config, directory / CONFIG_NAME)
+    target = _unwrap(model)
+    current = getattr(target, SETTINGS_ATTR, None)
+    if current is None:
+        try:
+            apply_lora(target, settings, dtype)
+        except ValueError as error:
+            raise ValueError(f"adapter {directory} does not fit {type(target).__name__}: {error}") from error
+    else:
+        mine = (current.r, current.alpha, current.use_rslora, current.use_dora)
+        theirs = (settings.r, settings.alpha, settings.use_rslora, settings.use_dora)
+        if mine != theirs:
+            raise ValueError(
+                f"the model already has LoRA (r, alpha, rslora, dora) = {mine} but {directory} holds {theirs}"
+            )
+
+    expected = adapter_state_dict(target)
+    loaded: dict[str, torch.Tensor] = {}
+    with safe_open(str(weights), framework="pt") as f:
+        for key in f.keys():
+            name = _file_key(key)
+            if name not in expected:
+                raise ValueError(
+                    f"{weights}: {key!r} matches no LoRA layer or saved module of {type(target).__name__}; "
+                    "the adapter was made for another base model or other target_modules"
+                )
+            tensor = f.get_tensor(key)
+            if tensor.shape != expected[name].shape:
+                raise ValueError(
+                    f"{weights}: {key!r} has shape {tuple(tensor.shape)} but the model's tensor has shape "
+                    f"{tuple(expected[name].shape)}; the adapter was made for another base model"
+                )
+            loaded[name] = tensor
+    missing = sorted(set(expected) - set(loaded))
+    if missing:
+        raise ValueError(
+            f"{weights} lacks {len(missing)} tensors the model's adapter needs, e.g. {missing[:3]}"
+        )
+    with torch.no_grad():  # copy only once every key checked out: a bad file leaves no half-loaded adapter
+        for name, tensor in loaded.items():
+            expected[name].copy_(tensor)
+    return model

@@ -1,0 +1,31 @@
+"""LoRA / rsLoRA / DoRA adapters on any linear-like layer (plain or kbit-quantized), PEFT-compatible."""
+
+from .inject import (
+    LoraSettings,
+    add_lora,
+    apply_lora,
+    find_targets,
+    lora_layers,
+    lora_settings,
+    print_trainable_parameters,
+    saved_modules,
+    target_names,
+    trainable_parameters,
+)
+from .layer import LoRALinear, is_linear_like, is_quantized_linear
+
+__all__ = [
+    "LoRALinear",
+    "LoraSettings",
+    "add_lora",
+    "apply_lora",
+    "find_targets",
+    "is_linear_like",
+    "is_quantized_linear",
+    "lora_layers",
+    "lora_settings",
+    "print_trainable_parameters",
+    "saved_modules",
+    "target_names",
+    "trainable_parameters",
+]
