@@ -77,15 +77,22 @@ def write_smollm2(folder: Path) -> None:
     AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name).save_pretrained(folder)
 
 
+# ru_maxrss survives exec (Linux carries the parent's high-water mark into the child), so read the process's own
+# VmHWM, and reset it after the imports (clear_refs 5) so the peak covers loading alone.
 MEASURE = r"""
-import resource, sys, time, json, torch, transformers
+import sys, time, json, torch, transformers, transformers.models.llama.modeling_llama
 from kbit.models import load_model
 from kbit.nn import Linear4bit
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+open("/proc/self/clear_refs", "w").write("5")
+base = status("VmRSS:")
 t = time.perf_counter()
 m = load_model(sys.argv[1], bits=4, device="cpu")
 dt = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = status("VmHWM:")
 size = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers())) / 2**20
 print(json.dumps(dict(baseline_mib=base, peak_mib=peak, model_mib=size, seconds=dt,
                       n4=sum(isinstance(x, Linear4bit) for x in m.modules()))))

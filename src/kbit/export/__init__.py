@@ -1,5 +1,18 @@
-"""Writing what training produced in formats other tools read: PEFT adapter folders."""
+"""Writing what training produced in formats other tools read: PEFT adapters, merged or 4-bit HF folders."""
 
 from .adapter import adapter_config, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
+from .checkpoint import write_hf_folder
+from .merge import MergeReport, merge, merged_tensors, quantize_model
 
-__all__ = ["adapter_config", "adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter"]
+__all__ = [
+    "MergeReport",
+    "adapter_config",
+    "adapter_state_dict",
+    "load_adapter",
+    "merge",
+    "merged_tensors",
+    "quantize_model",
+    "read_adapter_config",
+    "save_adapter",
+    "write_hf_folder",
+]

@@ -287,6 +287,8 @@ def _load_folder(folder: Path, cfg: LoadConfig, device: torch.device):
         if type(mod) is not nn.Linear:
             continue
         wkey = _checkpoint_key(shards, f"{name}.weight", prefix)
+        if wkey is None and name not in targets:
+            continue  # e.g. a tied lm_head: filled by tying below
         if wkey is None:
             raise ValueError(f"{folder}: no weight for {name} in the checkpoint; is it a checkpoint of this model?")
         bkey = _checkpoint_key(shards, f"{name}.bias", prefix) if mod.bias is not None else None
