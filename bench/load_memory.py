@@ -19,8 +19,16 @@ from pathlib import Path
 
 import torch
 
-ONE_B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+ONE_B = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
 
 
 def write_random_llama(folder: Path, shard_bytes: int = 512 * 2**20) -> int:
@@ -101,7 +109,9 @@ print(json.dumps(dict(baseline_mib=base, peak_mib=peak, model_mib=size, seconds=
 
 def measure(folder: Path) -> dict:
     """Load ``folder`` in a fresh process and return its memory figures."""
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(folder)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(folder)], capture_output=True, text=True, check=True
+    )
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res["checkpoint_mib"] = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
     return res
@@ -122,12 +132,16 @@ def main() -> None:
         r = measure(folder)
         rows.append((name, r))
         print(name, r, flush=True)
-    print("\n| model | bf16 checkpoint | 4-bit model in memory | peak RSS above baseline | ratio to checkpoint | load time |")
+    print(
+        "\n| model | bf16 checkpoint | 4-bit model in memory | peak RSS above baseline | ratio to checkpoint | load time |"
+    )
     print("|---|---|---|---|---|---|")
     for name, r in rows:
         extra = r["peak_mib"] - r["baseline_mib"]
-        print(f"| {name} | {r['checkpoint_mib']:.0f} MiB | {r['model_mib']:.0f} MiB | {extra:.0f} MiB | "
-              f"{extra / r['checkpoint_mib']:.2f} | {r['seconds']:.0f} s |")
+        print(
+            f"| {name} | {r['checkpoint_mib']:.0f} MiB | {r['model_mib']:.0f} MiB | {extra:.0f} MiB | "
+            f"{extra / r['checkpoint_mib']:.2f} | {r['seconds']:.0f} s |"
+        )
 
 
 if __name__ == "__main__":

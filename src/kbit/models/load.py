@@ -190,24 +190,43 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 # ---- safetensors folders -----------------------------------------------------------------------------------------
 
 
+_ST_DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64, "I8": torch.int8,
+    "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
+}  # fmt: skip
+
+
 class _Shards:
-    """Key -> tensor access over a folder's safetensors files, reading one tensor at a time."""
+    """Key -> tensor access over a folder's safetensors files, reading one tensor at a time.
+
+    Tensors are read with plain file reads rather than through a memory map: mapped pages of the checkpoint would
+    count towards the process's resident memory for as long as the files stay open, which defeats streaming.
+    """
 
     def __init__(self, folder: Path):
-        from safetensors import safe_open
-
         index = folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         else:
             files = sorted(p.name for p in folder.glob("*.safetensors"))
             if not files:
                 raise FileNotFoundError(
                     f"{folder} has no *.safetensors weights; save the model with save_pretrained(safe_serialization=True)"
                 )
-        self.handles = {f: safe_open(str(folder / f), framework="pt") for f in files}
-        self.where = {k: f for f, h in self.handles.items() for k in h.keys()}
+        self.entries: dict[str, tuple[Path, int, str, list[int], int]] = {}
+        for f in files:
+            path = folder / f
+            with open(path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                try:
+                    header = json.loads(fh.read(n))
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path} is not a valid safetensors file (unreadable header)") from None
+            for key, info in header.items():
+                if key != "__metadata__":
+                    start, end = info["data_offsets"]
+                    self.entries[key] = (path, 8 + n + start, info["dtype"], info["shape"], end - start)
+        self.where = {k: e[0] for k, e in self.entries.items()}
         self.alias: dict[str, str] = {}  # model name -> checkpoint name, for renamed legacy keys
 
     def add_renames(self, model) -> None:
@@ -225,7 +244,15 @@ class _Shards:
 
     def get(self, key: str) -> torch.Tensor:
         key = key if key in self.where else self.alias[key]
-        return self.handles[self.where[key]].get_tensor(key)
+        path, offset, dtype, shape, nbytes = self.entries[key]
+        if dtype not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor {key} has dtype {dtype}, which kbit cannot load")
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            if fh.readinto(buf.numpy()) != nbytes:
+                raise ValueError(f"{path} is truncated: tensor {key} is incomplete; download the file again")
+        return buf.view(_ST_DTYPES[dtype]).reshape(shape)
 
     def keys(self) -> list[str]:
         return list(self.where)
