@@ -117,25 +117,38 @@ def as_bytes(packed: torch.Tensor) -> torch.Tensor:
 # ---- PyTorch reference implementations (CPU, tests; the Triton kernels must match them bit for bit) ----
 
 
+_CHUNK = 1 << 20  # elements per step of the reference quantizer: bounds its float32 temporaries to a few MB
+
+
 def quantize_4bit_ref(x: torch.Tensor, quant_type: str, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference 4-bit quantizer: (packed uint8 [(n+1)//2], absmax fp32 [blocks])."""
-    flat = x.reshape(-1).float()
+    flat = x.reshape(-1)
     n = flat.numel()
     full = n - n % blocksize
-    absmax_full = flat[:full].view(-1, blocksize).abs().amax(dim=1)
-    scaled = (flat[:full].view(-1, blocksize) * (1.0 / absmax_full.clamp(min=1e-38))[:, None]).reshape(-1)
-    absmax = absmax_full
-    if full < n:
-        am = flat[full:].abs().amax().clamp(min=1e-38)  # a zero tail stores 1e-38, like bitsandbytes
-        absmax = torch.cat([absmax_full, am[None]])
-        scaled = torch.cat([scaled, flat[full:] / am])
-    scaled = scaled.clamp(-1.0, 1.0)
-    if n % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))
     mid, order = bounds_4bit(quant_type, x.device)
-    q = order[torch.bucketize(scaled, mid)]
-    packed = (q[0::2] << 4) | q[1::2]
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=x.device)
+    for start in range(0, full, _CHUNK):  # whole blocks, multiplied by the reciprocal of their absmax
+        blocks = flat[start : min(start + _CHUNK, full)].float().view(-1, blocksize)
+        am = blocks.abs().amax(dim=1)
+        absmax[start // blocksize : start // blocksize + am.numel()] = am
+        scaled = (blocks * (1.0 / am.clamp(min=1e-38))[:, None]).clamp_(-1.0, 1.0).view(-1)
+        packed[start // 2 : start // 2 + scaled.numel() // 2] = _pack(scaled, mid, order)
+    if full < n:  # a partial last block is divided by its absmax, as bitsandbytes does; a zero tail stores 1e-38
+        tail = flat[full:].float()
+        am = tail.abs().amax().clamp(min=1e-38)
+        absmax[-1] = am
+        scaled = (tail / am).clamp_(-1.0, 1.0)
+        if scaled.numel() % 2:
+            scaled = torch.nn.functional.pad(scaled, (0, 1))
+        packed[full // 2 :] = _pack(scaled, mid, order)
     return packed, absmax
+
+
+def _pack(scaled: torch.Tensor, mid: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Nearest codes of an even number of scaled values, two per byte (first in the high nibble)."""
+    q = order[torch.bucketize(scaled, mid, out_int32=True)]
+    return (q[0::2] << 4) | q[1::2]
 
 
 def dequantize_4bit_ref(raw: torch.Tensor, absmax: torch.Tensor, state: QuantState, out_dtype: torch.dtype) -> torch.Tensor:
