@@ -55,3 +55,11 @@ def save_tiny_llama(folder, tokenizer_dir=None, seed: int = 0, **overrides):
         for f in tokenizer_dir.iterdir():
             shutil.copy(f, folder)
     return model
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """(model, tokenizer): the embedded SmolLM2-135M-Instruct in NF4 + double quant, loaded once per session."""
+    from kbit.models import load_model, load_tokenizer
+
+    return load_model("default", device="cpu"), load_tokenizer("default")

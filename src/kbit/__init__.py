@@ -1,6 +1,26 @@
-"""kbit: QLoRA fine-tuning with bitsandbytes-exact 4-bit / 8-bit quantization."""
+"""kbit: QLoRA fine-tuning with bitsandbytes-exact 4-bit / 8-bit quantization.
 
+The public API; everything else may change.
+"""
+
+from .export import load_adapter, merge, quantize_model, save_adapter
+from .generate import generate
+from .lora import add_lora, print_trainable_parameters
+from .models import load_model, load_tokenizer
 from .quant import QuantState, dequantize_4bit, quantize_4bit
 
 __version__ = "0.1.0"
-__all__ = ["QuantState", "dequantize_4bit", "quantize_4bit"]
+__all__ = [
+    "QuantState",
+    "add_lora",
+    "dequantize_4bit",
+    "generate",
+    "load_adapter",
+    "load_model",
+    "load_tokenizer",
+    "merge",
+    "print_trainable_parameters",
+    "quantize_4bit",
+    "quantize_model",
+    "save_adapter",
+]

@@ -1,61 +1,28 @@
-"""The ``kbit`` command line."""
+"""The ``kbit`` command line: one subcommand per module in :mod:`kbit.commands`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-
-def _quantize_report(args: argparse.Namespace) -> int:
-    import torch
-
-    from .models.default import default_model_path
-    from .report import linear_weights, report
-
-    if args.model != "default":
-        print(f"error: --model {args.model!r}: only 'default' is supported by quantize-report so far", file=sys.stderr)
-        return 2
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    path = default_model_path()
-    print(f"loading {path.name} (SmolLM2-135M-Instruct) ...", flush=True)
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    weights = linear_weights(model)
-    n_params = sum(w.numel() for w in weights.values())
-    others = sum(p.numel() for p in model.parameters()) - n_params  # embeddings (tied lm_head), norms
-    print(f"loaded in {time.perf_counter() - t0:.1f} s: {len(weights)} linear layers, {n_params / 1e6:.1f}M "
-          f"parameters in them, {others / 1e6:.1f}M elsewhere (kept in bf16)\n")
-    bf16 = 2 * n_params
-    print(f"| format | blocksize | linear weights in memory | vs bf16 | bits/param | rel. RMS error | worst layer (error) |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| bf16 | - | {bf16 / 2**20:.1f} MiB | 1.00x | 16.00 | 0 | - |")
-    for fmt in args.formats.split(","):
-        r = report(weights, fmt, args.blocksize)
-        print(f"| {fmt} | {args.blocksize if fmt != 'int8' else 'row'} | {r.weight_bytes / 2**20:.1f} MiB | "
-              f"{bf16 / r.weight_bytes:.2f}x | {8 * r.weight_bytes / n_params:.2f} | {r.rel_rms_error:.4f} | "
-              f"{r.worst_layer} ({r.worst_error:.4f}) |", flush=True)
-    total = 2 * others + report(weights, "nf4-dq", args.blocksize).weight_bytes
-    print(f"\nwhole model with NF4 + double quant linears: {total / 2**20:.1f} MiB (bf16: {2 * (n_params + others) / 2**20:.1f} MiB)")
-    return 0
+from .commands import export, generate, report
+from .train import cli as train_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="kbit", description="QLoRA fine-tuning with bitsandbytes-exact quantization")
     sub = p.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quantize-report", help="quantize a model's linear layers and report size and error per format")
-    q.add_argument("--model", default="default", help="model to quantize (default: the embedded SmolLM2-135M)")
-    q.add_argument("--formats", default="nf4,nf4-dq,fp4,fp4-dq,int8", help="comma-separated formats to compare")
-    q.add_argument("--blocksize", type=int, default=64, help="4-bit blocksize (default 64)")
-    q.set_defaults(func=_quantize_report)
+    for module in (report, export, generate, train_cli):
+        module.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``kbit`` command."""
+    """Entry point of the ``kbit`` command; user errors print one line and exit with status 2."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"kbit {args.command}: error: {e}", file=sys.stderr)
+        return 2

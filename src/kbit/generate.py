@@ -6,7 +6,11 @@ GEMV) comes with its own issue and must give the same greedy tokens as this one.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
+from torch import nn
 
 Messages = list[dict[str, str]]
 
@@ -34,8 +38,34 @@ def generate(
     top_k: int = 0,
     stop: list[str] | None = None,
     seed: int | None = None,
+    dense: bool | None = None,
 ) -> str:
-    """The model's reply to ``prompt`` (greedy when temperature is 0), cut at the end-of-turn token or a stop string."""
+    """The model's reply to ``prompt`` (greedy when temperature is 0), cut at the end-of-turn token or a stop string.
+
+    ``dense`` (default: on the CPU) dequantizes each quantized layer once for the whole reply instead of once per
+    token; the values are the same, so the tokens are too.
+    """
+    new = generate_ids(model, tokenizer, prompt, max_new_tokens, temperature, top_p, top_k, stop, seed, dense)
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    for s in stop or []:
+        text = text.split(s)[0]
+    return text.strip()
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    tokenizer,
+    prompt: str | Messages,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+    dense: bool | None = None,
+) -> list[int]:
+    """The token ids :func:`generate` decodes (the end-of-turn token included when reached)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -53,23 +83,22 @@ def generate(
         do_sample=False, temperature=None, top_p=None, top_k=None)
     was_training = model.training
     model.eval()
+    dense = device.type == "cpu" if dense is None else dense
     try:
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=_end_tokens(tokenizer),
-            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            stop_strings=stop,
-            tokenizer=tokenizer if stop else None,
-            **kw,
-        )
+        with dequantized(model) if dense else contextlib.nullcontext():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=_end_tokens(tokenizer),
+                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+                stop_strings=stop,
+                tokenizer=tokenizer if stop else None,
+                **kw,
+            )
     finally:
         model.train(was_training)
-    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    for s in stop or []:
-        text = text.split(s)[0]
-    return text.strip()
+    return out[0, ids.shape[1] :].tolist()
 
 
 def _end_tokens(tokenizer) -> list[int]:
@@ -80,3 +109,38 @@ def _end_tokens(tokenizer) -> list[int]:
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
             ends.add(tid)
     return sorted(ends)
+
+
+@contextlib.contextmanager
+def dequantized(model: nn.Module) -> Iterator[None]:
+    """Within the block, every quantized linear is replaced by an ``nn.Linear`` holding its dequantized weight."""
+    swapped = []
+    for name, mod in list(model.named_modules()):
+        if callable(getattr(mod, "dequantize", None)) and hasattr(mod, "compute_dtype") and not isinstance(mod, nn.Linear):
+            dense = _DenseLinear(mod)
+            parent, _, child = name.rpartition(".")
+            owner = model.get_submodule(parent) if parent else model
+            setattr(owner, child, dense)
+            swapped.append((owner, child, mod))
+    try:
+        yield
+    finally:
+        for owner, child, mod in swapped:
+            setattr(owner, child, mod)
+
+
+class _DenseLinear(nn.Module):
+    """A quantized linear's forward with its weight dequantized once: same inputs/outputs dtypes and values."""
+
+    def __init__(self, quantized: nn.Module):
+        super().__init__()
+        self.in_features, self.out_features = quantized.in_features, quantized.out_features
+        self.compute_dtype = quantized.compute_dtype
+        self.weight = quantized.dequantize(self.compute_dtype)
+        self.bias = None if quantized.bias is None else quantized.bias.detach().to(self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x.to(self.compute_dtype), self.weight, self.bias).to(x.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.weight.to(dtype or self.compute_dtype)

@@ -1,4 +1,4 @@
-"""Quantization report: size in memory and reconstruction error of every linear layer of a model, per format."""
+"""Size in memory and reconstruction error of every linear layer of a model, per quantization format."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant import dequantize_4bit, dequantize_int8_rowwise, quantize_4bit, quantize_int8_rowwise
+from ..quant import dequantize_4bit, dequantize_int8_rowwise, quantize_4bit, quantize_int8_rowwise
 
 
 @dataclass
