@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import export, generate, report
+from .commands import estimate, export, generate, report
 from .train import cli as train_cli
 
 
@@ -13,7 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     p = argparse.ArgumentParser(prog="kbit", description="QLoRA fine-tuning with bitsandbytes-exact quantization")
     sub = p.add_subparsers(dest="command", required=True)
-    for module in (report, export, generate, train_cli):
+    for module in (train_cli, report, export, generate, estimate):
         module.add_parser(sub)
     return p
 
