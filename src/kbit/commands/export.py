@@ -33,6 +33,12 @@ def add_parser(sub) -> None:
     q.add_argument("--overwrite", action="store_true")
     q.add_argument("--device", default=None)
     q.set_defaults(func=_quantize)
+    g = sub.add_parser("gguf", help="export a (merged) 16-bit Hugging Face folder to GGUF for llama.cpp-based tools")
+    g.add_argument("--model", required=True, type=Path, help="a Hugging Face folder, e.g. the output of kbit merge")
+    g.add_argument("--out", required=True, type=Path, help="the .gguf file to write (outside the model folder)")
+    g.add_argument("--type", dest="out_type", default="q8_0", choices=("f16", "bf16", "q8_0"))
+    g.add_argument("--overwrite", action="store_true")
+    g.set_defaults(func=_gguf)
 
 
 def _merge(args) -> int:
@@ -54,4 +60,12 @@ def _quantize(args) -> int:
                          blocksize=args.blocksize, compute_dtype=dtype_of(args.dtype), overwrite=args.overwrite,
                          device=args.device)  # fmt: skip
     print(f"wrote {out} (transformers + bitsandbytes load it with from_pretrained; kbit with load_model)")
+    return 0
+
+
+def _gguf(args) -> int:
+    from ..export import export_gguf
+
+    out = export_gguf(args.model, args.out, out_type=args.out_type, overwrite=args.overwrite)
+    print(f"wrote {out} ({args.out_type})")
     return 0
