@@ -2,8 +2,16 @@
 
 from .adapter import adapter_config, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 from .checkpoint import write_hf_folder
-from .gguf import export_gguf
 from .merge import MergeReport, merge, merged_tensors, quantize_model
+
+
+
+def export_gguf(model_dir, out_file, out_type: str = "f16", overwrite: bool = False):
+    """Write a 16-bit Hugging Face folder as a GGUF file (imports the optional ``gguf`` package on first use)."""
+    from .gguf import export_gguf as export
+
+    return export(model_dir, out_file, out_type=out_type, overwrite=overwrite)
+
 
 __all__ = [
     "MergeReport",
