@@ -49,14 +49,11 @@ def accuracy(model, tokenizer, records: list[dict], show: int = 5) -> float:
     model.eval()
     tokenizer.padding_side = "left"
     prompts = [
-        tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
-        for r in records
+        tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in records
     ]
     correct = 0
     for start in range(0, len(prompts), 16):
-        enc = tokenizer(
-            prompts[start : start + 16], return_tensors="pt", padding=True, add_special_tokens=False
-        )
+        enc = tokenizer(prompts[start : start + 16], return_tensors="pt", padding=True, add_special_tokens=False)
         out = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         for i, text in enumerate(texts):

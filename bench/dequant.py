@@ -33,11 +33,7 @@ SHAPES = [(14336, 4096), (4096, 4096)]
 L2_ROTATE_BYTES = 256 * 2**20  # inputs of one rotation span well over the 50 MB L2
 CALLS = 16  # calls per captured graph
 # (int32 words per program, warps, table lookup by tl.gather) tried with --sweep
-CONFIGS = [
-    (w, warps, g)
-    for g in (True, False)
-    for w, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 8), (4096, 8))
-]
+CONFIGS = [(w, warps, g) for g in (True, False) for w, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 8), (4096, 8))]
 
 
 def time_graph(fn, inputs: list, reps: int = 30) -> float:
@@ -68,9 +64,7 @@ def time_do_bench(fn, inputs: list) -> float:
     """Median µs of ``fn`` over rotated inputs by triton.testing.do_bench (it flushes L2 before each call)."""
     it = iter(range(10**9))
     return (
-        triton.testing.do_bench(
-            lambda: fn(inputs[next(it) % len(inputs)]), warmup=50, rep=300, return_mode="median"
-        )
+        triton.testing.do_bench(lambda: fn(inputs[next(it) % len(inputs)]), warmup=50, rep=300, return_mode="median")
         * 1e3
     )
 
@@ -176,9 +170,7 @@ def bench_case(F, shape: tuple[int, int], nested: bool, sweep: bool, copy_bw: fl
             row["sweep"][name] = time_graph(cfg_call, kb_inputs)
     # quantization (nice to have): kernel wrappers only, bf16 input, do_bench
     if not nested:
-        ws = [
-            torch.randn(shape, device="cuda").mul_(0.02).to(torch.bfloat16) for _ in range(max(2, sets // 4))
-        ]
+        ws = [torch.randn(shape, device="cuda").mul_(0.02).to(torch.bfloat16) for _ in range(max(2, sets // 4))]
         row["kbit_quant_us"] = time_do_bench(lambda w: quant4.quantize_4bit(w, "nf4", 64), ws)
         row["bnb_quant_us"] = time_do_bench(lambda w: F.quantize_4bit(w, blocksize=64, quant_type="nf4"), ws)
         row["quant_bytes"] = 2 * n + n // 2 + 4 * (n // 64)
@@ -233,9 +225,7 @@ def markdown(rows: list[dict], copy_bw: float) -> str:
         ]
         for r in sweeps:
             cells = " | ".join(f"{r['sweep'][c]:.1f}" for c in cfgs)
-            lines.append(
-                f"| {r['shape'][0]}x{r['shape'][1]} | {'yes' if r['double_quant'] else 'no'} | {cells} |"
-            )
+            lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {'yes' if r['double_quant'] else 'no'} | {cells} |")
     return "\n".join(lines)
 
 

@@ -109,9 +109,7 @@ print(json.dumps(dict(baseline_mib=base, peak_mib=peak, model_mib=size, seconds=
 
 def measure(folder: Path) -> dict:
     """Load ``folder`` in a fresh process and return its memory figures."""
-    out = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(folder)], capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(folder)], capture_output=True, text=True, check=True)
     res = json.loads(out.stdout.strip().splitlines()[-1])
     res["checkpoint_mib"] = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
     return res
@@ -133,7 +131,8 @@ def main() -> None:
         rows.append((name, r))
         print(name, r, flush=True)
     print(
-        "\n| model | bf16 checkpoint | 4-bit model in memory | peak RSS above baseline | ratio to checkpoint | load time |"
+        "\n| model | bf16 checkpoint | 4-bit model in memory | peak RSS above baseline | ratio to checkpoint "
+        "| load time |"
     )
     print("|---|---|---|---|---|---|")
     for name, r in rows:

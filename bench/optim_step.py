@@ -133,10 +133,7 @@ def link_bandwidth(nbytes: int = 256 * MiB) -> dict:
 def run_case(name: str, shapes: list[tuple[int, ...]], warmup: int, steps: int, skip: set[str]) -> dict:
     params = make_params(shapes)
     n = sum(p.numel() for p in params)
-    print(
-        f"\n## {name}: {len(params)} tensors, {n / 1e6:.1f}M fp32 parameters,"
-        f" {warmup} warm-up + {steps} timed steps"
-    )
+    print(f"\n## {name}: {len(params)} tensors, {n / 1e6:.1f}M fp32 parameters, {warmup} warm-up + {steps} timed steps")
     print(
         "| optimizer | step ms | state held on GPU MiB | peak extra in step MiB |\n|---|---|---|---|",
         flush=True,
@@ -151,9 +148,7 @@ def run_case(name: str, shapes: list[tuple[int, ...]], warmup: int, steps: int, 
             continue
         try:
             r = measure(make, params, warmup, steps)
-        except (
-            Exception
-        ) as err:  # report and go on: one optimizer's failure must not lose the others' numbers
+        except Exception as err:  # report and go on: one optimizer's failure must not lose the others' numbers
             print(f"| {label} | failed: {type(err).__name__}: {str(err)[:200]} | | |", flush=True)
             continue
         rows[label] = r

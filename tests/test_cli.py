@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny_llama
+from kbit_testing import save_tiny_llama
 
 from kbit.cli import main
 from kbit.export import save_adapter
@@ -28,8 +28,21 @@ def tiny(tmp_path, smol_tokenizer_dir):
 
 def test_generate_one_prompt_equals_python_api(tiny, capsys):
     root, model, tok = tiny
-    rc = main(["generate", "--model", str(root / "base"), "--adapter", str(root / "adapter"), "--device", "cpu",
-               "--prompt", "Name a colour.", "--max-new-tokens", "12"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(root / "base"),
+            "--adapter",
+            str(root / "adapter"),
+            "--device",
+            "cpu",
+            "--prompt",
+            "Name a colour.",
+            "--max-new-tokens",
+            "12",
+        ]
+    )
     assert rc == 0
     assert capsys.readouterr().out.strip() == generate(model, tok, "Name a colour.", max_new_tokens=12)
 
@@ -38,8 +51,23 @@ def test_generate_prompts_file(tiny):
     root, model, tok = tiny
     prompts = root / "prompts.jsonl"
     prompts.write_text('{"prompt": "One"}\n\n{"messages": [{"role": "user", "content": "Two"}]}\n')
-    rc = main(["generate", "--model", str(root / "base"), "--adapter", str(root / "adapter"), "--device", "cpu",
-               "--prompts", str(prompts), "--out", str(root / "answers.jsonl"), "--max-new-tokens", "6"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(root / "base"),
+            "--adapter",
+            str(root / "adapter"),
+            "--device",
+            "cpu",
+            "--prompts",
+            str(prompts),
+            "--out",
+            str(root / "answers.jsonl"),
+            "--max-new-tokens",
+            "6",
+        ]
+    )
     assert rc == 0
     rows = [json.loads(line) for line in (root / "answers.jsonl").read_text().splitlines()]
     assert [r.get("prompt") for r in rows] == ["One", None]
@@ -59,8 +87,22 @@ def test_generate_bad_prompts_files(tiny, capsys):
 def test_chat_keeps_history(tiny, monkeypatch, capsys):
     root, model, tok = tiny
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/reset\nHi\n/exit\n"))
-    assert main(["chat", "--model", str(root / "base"), "--adapter", str(root / "adapter"), "--device", "cpu",
-                 "--max-new-tokens", "8"]) == 0
+    assert (
+        main(
+            [
+                "chat",
+                "--model",
+                str(root / "base"),
+                "--adapter",
+                str(root / "adapter"),
+                "--device",
+                "cpu",
+                "--max-new-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     first = generate(model, tok, "Hi", max_new_tokens=8)
     assert out.count(first) == 2  # after /reset the same first turn gives the same answer
@@ -70,18 +112,58 @@ def test_quantize_and_merge_commands(tiny, capsys):
     root, _, _ = tiny
     assert main(["quantize", "--model", str(root / "base"), "--out", str(root / "q4"), "--device", "cpu"]) == 0
     assert json.loads((root / "q4" / "config.json").read_text())["quantization_config"]["load_in_4bit"]
-    assert main(["merge", "--model", str(root / "base"), "--adapter", str(root / "adapter"), "--out",
-                 str(root / "merged"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "merge",
+                "--model",
+                str(root / "base"),
+                "--adapter",
+                str(root / "adapter"),
+                "--out",
+                str(root / "merged"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "bf16 merge: KL" in out and (root / "merged" / "model.safetensors").is_file()
-    assert main(["merge", "--model", str(root / "base"), "--adapter", str(root / "adapter"), "--out",
-                 str(root / "merged")]) == 2
+    assert (
+        main(
+            [
+                "merge",
+                "--model",
+                str(root / "base"),
+                "--adapter",
+                str(root / "adapter"),
+                "--out",
+                str(root / "merged"),
+            ]
+        )
+        == 2
+    )
     assert "already exists and is not empty" in capsys.readouterr().err
 
 
 def test_adapter_for_another_model_is_refused(tiny, tmp_path, smol_tokenizer_dir, capsys):
     root, _, _ = tiny
     save_tiny_llama(tmp_path / "wide", smol_tokenizer_dir, hidden_size=96, intermediate_size=192)
-    assert main(["generate", "--model", str(tmp_path / "wide"), "--adapter", str(root / "adapter"), "--prompt", "x",
-                 "--device", "cpu"]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "wide"),
+                "--adapter",
+                str(root / "adapter"),
+                "--prompt",
+                "x",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "shape" in capsys.readouterr().err

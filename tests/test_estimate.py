@@ -1,8 +1,7 @@
 """kbit estimate: exact weight bytes, monotone activations, and a largest batch consistent with the estimate."""
 
 import pytest
-import torch
-from conftest import save_tiny_llama
+from kbit_testing import save_tiny_llama
 
 from kbit.cli import main
 from kbit.estimate import PRESETS, estimate, largest_batch, linear_bytes, load_config, model_shape

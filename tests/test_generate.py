@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import save_tiny_llama
+from kbit_testing import save_tiny_llama
 
 from kbit.generate import generate, generate_ids, render_prompt
 from kbit.lora import add_lora, lora_layers
@@ -24,7 +24,9 @@ def test_dense_shortcut_gives_the_same_tokens(tmp_path, smol_tokenizer_dir):
     a = generate_ids(model, tok, "Hello there", max_new_tokens=64, dense=False)
     b = generate_ids(model, tok, "Hello there", max_new_tokens=64, dense=True)
     assert a == b and len(a) > 0
-    assert isinstance(model.model.layers[0].mlp.up_proj.base_layer, type(model.model.layers[0].mlp.down_proj.base_layer))
+    assert isinstance(
+        model.model.layers[0].mlp.up_proj.base_layer, type(model.model.layers[0].mlp.down_proj.base_layer)
+    )
 
 
 def test_render_prompt_uses_chat_template(smol_tokenizer_dir):

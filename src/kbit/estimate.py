@@ -48,7 +48,9 @@ class Estimate:
 
     def table(self) -> str:
         """The split as a markdown table in GiB."""
-        rows = [(k, getattr(self, k)) for k in ("weights", "adapters", "optimizer", "activations", "logits", "overhead")]
+        rows = [
+            (k, getattr(self, k)) for k in ("weights", "adapters", "optimizer", "activations", "logits", "overhead")
+        ]
         lines = ["| part | GiB |", "|---|---|"] + [f"| {k} | {v / 2**30:.2f} |" for k, v in rows]
         return "\n".join(lines + [f"| **total** | **{self.total / 2**30:.2f}** |"])
 
@@ -84,8 +86,16 @@ def model_shape(config) -> ModelShape:
     kv = getattr(text, "num_key_value_heads", None) or heads
     head_dim = getattr(text, "head_dim", None) or h // heads
     layers = text.num_hidden_layers
-    return ModelShape(linears, total - n_lin, h, getattr(text, "intermediate_size", 4 * h), kv * head_dim, layers,
-                      text.vocab_size, len(linears) // max(layers, 1))
+    return ModelShape(
+        linears,
+        total - n_lin,
+        h,
+        getattr(text, "intermediate_size", 4 * h),
+        kv * head_dim,
+        layers,
+        text.vocab_size,
+        len(linears) // max(layers, 1),
+    )
 
 
 def estimate(

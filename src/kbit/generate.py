@@ -19,8 +19,9 @@ def render_prompt(tokenizer, prompt: str | Messages, chat: bool = True) -> torch
     """Token ids [1, T] of ``prompt``: a string becomes one user turn; the chat template adds the assistant header."""
     if chat and getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=False)
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=False
+        )
         return ids if isinstance(ids, torch.Tensor) else torch.tensor([ids])
     if not isinstance(prompt, str):
         raise ValueError("this tokenizer has no chat template: pass the prompt as a string")
@@ -74,13 +75,18 @@ def generate_ids(
     ids = render_prompt(tokenizer, prompt).to(device)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and ids.shape[1] + max_new_tokens > limit:
-        raise ValueError(f"prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
-                         f"context of {limit}; shorten the prompt or lower max_new_tokens")
+        raise ValueError(
+            f"prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+            f"context of {limit}; shorten the prompt or lower max_new_tokens"
+        )
     if seed is not None:
         torch.manual_seed(seed)
     sample = temperature > 0
-    kw = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None) if sample else dict(
-        do_sample=False, temperature=None, top_p=None, top_k=None)
+    kw = (
+        dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
+        if sample
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    )
     was_training = model.training
     model.eval()
     dense = device.type == "cpu" if dense is None else dense
@@ -116,7 +122,11 @@ def dequantized(model: nn.Module) -> Iterator[None]:
     """Within the block, every quantized linear is replaced by an ``nn.Linear`` holding its dequantized weight."""
     swapped = []
     for name, mod in list(model.named_modules()):
-        if callable(getattr(mod, "dequantize", None)) and hasattr(mod, "compute_dtype") and not isinstance(mod, nn.Linear):
+        if (
+            callable(getattr(mod, "dequantize", None))
+            and hasattr(mod, "compute_dtype")
+            and not isinstance(mod, nn.Linear)
+        ):
             dense = _DenseLinear(mod)
             parent, _, child = name.rpartition(".")
             owner = model.get_submodule(parent) if parent else model

@@ -90,9 +90,7 @@ def test_malformed_json_file_names_the_line(data_file):
 def test_csv_row_with_wrong_field_count(data_file):
     path = data_file("d.csv", "prompt,completion\na,b\nc,d,e\nf,g\n")
     message = error_of(load_dataset, path)
-    assert message.startswith(
-        f"{path}:3: expected 2 fields (prompt,completion), found 3; quote fields that contain"
-    )
+    assert message.startswith(f"{path}:3: expected 2 fields (prompt,completion), found 3; quote fields that contain")
     records = load_dataset(path, skip_bad_records=True)
     assert (len(records), records.skipped, records.where) == (2, 1, [f"{path}:2", f"{path}:4"])
 

@@ -43,8 +43,7 @@ def test_multi_turn_supervises_every_assistant_turn(tokenizer):
     example = encode_chat(messages, tokenizer)
     assert supervised_spans(tokenizer, example) == [f"Hello there{END}", f"See you{END}"]
     assert example.num_targets == sum(
-        len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        for text in (f"Hello there{END}", f"See you{END}")
+        len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in (f"Hello there{END}", f"See you{END}")
     )
 
 
@@ -54,15 +53,11 @@ def test_trailing_user_turn_is_not_supervised(tokenizer):
 
 
 def test_flat_formats_become_one_supervised_answer(tokenizer):
-    data = tokenize_records(
-        [{"prompt": "Capital of France?", "completion": "Paris"}], tokenizer, max_seq_len=128
-    )
+    data = tokenize_records([{"prompt": "Capital of France?", "completion": "Paris"}], tokenizer, max_seq_len=128)
     assert supervised_spans(tokenizer, data.examples[0]) == [f"Paris{END}"]
     qa = tokenize_records([{"question": "Capital of France?", "answer": "Paris"}], tokenizer, max_seq_len=128)
     assert qa.examples == data.examples
-    alpaca = tokenize_records(
-        [{"instruction": "Add the numbers.", "input": "2 3", "output": "5"}], tokenizer, 128
-    )
+    alpaca = tokenize_records([{"instruction": "Add the numbers.", "input": "2 3", "output": "5"}], tokenizer, 128)
     assert supervised_spans(tokenizer, alpaca.examples[0]) == [f"5{END}"]
     assert "Add the numbers.\n\n2 3" in tokenizer.decode(alpaca.examples[0].input_ids)
 
@@ -120,12 +115,9 @@ class TemplateOverride:
 def test_template_that_is_not_prefix_stable_is_reported(tokenizer):
     # Renders the message count first, so a conversation's prefix renders differently from its start.
     template = (
-        "{{ messages|length }}"
-        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>{% endfor %}"
+        "{{ messages|length }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>{% endfor %}"
     )
-    with pytest.raises(
-        DataError, match=r"^records\[0\]: field 'messages': the chat template renders the first 1 "
-    ):
+    with pytest.raises(DataError, match=r"^records\[0\]: field 'messages': the chat template renders the first 1 "):
         tokenize_records([{"prompt": "Hi", "completion": "Yo"}], TemplateOverride(tokenizer, template), 64)
     # train_on_prompt needs no prefix, so it works with any template.
     data = tokenize_records([{"prompt": "Hi", "completion": "Yo"}], TemplateOverride(tokenizer, template), 64,
@@ -135,9 +127,7 @@ def test_template_that_is_not_prefix_stable_is_reported(tokenizer):
 
 def test_template_errors_name_the_record(tokenizer):
     template = "{{ raise_exception('Conversation roles must alternate') }}"
-    with pytest.raises(
-        DataError, match=r"^records\[0\]: field 'messages': the chat template rejects .* alternate"
-    ):
+    with pytest.raises(DataError, match=r"^records\[0\]: field 'messages': the chat template rejects .* alternate"):
         tokenize_records([{"prompt": "Hi", "completion": "Yo"}], TemplateOverride(tokenizer, template), 64)
 
 

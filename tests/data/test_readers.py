@@ -144,9 +144,7 @@ def test_dataset_dict_asks_for_a_split():
 def test_detect_and_normalize_flat_formats(record, format, user, answer):
     records = load_dataset([record])
     assert records.format == format
-    assert records.rows == [
-        {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
-    ]
+    assert records.rows == [{"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}]
 
 
 def test_messages_keep_roles_and_drop_extra_keys():
@@ -178,9 +176,7 @@ def test_text_format_and_priority():
 
 
 def test_named_format_that_does_not_fit_errors():
-    with pytest.raises(
-        DataError, match=r"^records\[0\]: field 'question' is missing \(format 'question_answer'"
-    ):
+    with pytest.raises(DataError, match=r"^records\[0\]: field 'question' is missing \(format 'question_answer'"):
         load_dataset(PC, format="question_answer")
 
 
@@ -190,9 +186,7 @@ def test_unknown_format_name():
 
 
 def test_undetectable_format_names_the_fields():
-    with pytest.raises(
-        DataError, match=r"^records\[0\]: cannot tell the data format from the fields \['a', 'b'\]"
-    ):
+    with pytest.raises(DataError, match=r"^records\[0\]: cannot tell the data format from the fields \['a', 'b'\]"):
         load_dataset([{"a": 1, "b": 2}])
 
 

@@ -185,13 +185,9 @@ def test_round_trip_logits(model_dir, tokenizer, out_dir, out_type):
     assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == "F32"
     assert len(types) == 2 * 9 + 3
 
-    ids = torch.tensor(
-        [tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=True)["input_ids"]]
-    )
+    ids = torch.tensor([tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=True)["input_ids"]])
     got = logits(load_gguf_model(path), ids)
-    torch.testing.assert_close(
-        got, logits(rounded_like_file(model, out_type), ids), rtol=0, atol=ATOL_ROUNDED
-    )
+    torch.testing.assert_close(got, logits(rounded_like_file(model, out_type), ids), rtol=0, atol=ATOL_ROUNDED)
     ref = logits(model, ids)
     assert (got - ref).abs().max() / ref.abs().max() < REL_BOUND[out_type]
 
@@ -335,13 +331,9 @@ def test_errors(model_dir, tmp_path, tokenizer):
     shutil.copytree(folder, other)
     config = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps(config | {"architectures": ["Qwen2ForCausalLM"]}))
-    with pytest.raises(
-        ValueError, match="'Qwen2ForCausalLM'.*supported: LlamaForCausalLM, MistralForCausalLM"
-    ):
+    with pytest.raises(ValueError, match="'Qwen2ForCausalLM'.*supported: LlamaForCausalLM, MistralForCausalLM"):
         export_gguf(other, tmp_path / "x.gguf")
-    (other / "config.json").write_text(
-        json.dumps(config | {"quantization_config": {"quant_method": "bitsandbytes"}})
-    )
+    (other / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "bitsandbytes"}}))
     with pytest.raises(ValueError, match="quantized checkpoint"):
         export_gguf(other, tmp_path / "x.gguf")
 
@@ -384,9 +376,7 @@ def test_smollm2_round_trip(tmp_path):
 
     src = default_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        src.parent, gguf_file=src.name, dtype=torch.float32
-    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     model.hf_quantizer.remove_quantization_config(model)
     folder = save_folder(tmp_path / "SmolLM2-135M-Instruct", model.eval(), tokenizer)
     out = tmp_path / "gguf"
@@ -396,14 +386,14 @@ def test_smollm2_round_trip(tmp_path):
     loaded, loaded_tokenizer = load_gguf_model(path), load_gguf_tokenizer(path)
     assert loaded_tokenizer.chat_template == tokenizer.chat_template
     chat = [{"role": "user", "content": "What is the capital of France?"}]
-    ids = loaded_tokenizer.apply_chat_template(
-        chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
+    ids = loaded_tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
     assert (
         ids.tolist()
-        == tokenizer.apply_chat_template(
-            chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"].tolist()
+        == tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+            "input_ids"
+        ].tolist()
     )
     got = logits(loaded, ids)
     torch.testing.assert_close(got, logits(rounded_like_file(model, "q8_0"), ids), rtol=0, atol=1e-4)

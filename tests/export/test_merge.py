@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from conftest import save_tiny_llama
+from kbit_testing import save_tiny_llama
 from transformers import AutoModelForCausalLM
 
-from kbit.export import load_adapter, merge, quantize_model, save_adapter
+from kbit.export import merge, quantize_model, save_adapter
 from kbit.lora import add_lora, lora_layers
 from kbit.models import load_model
 
@@ -29,8 +29,14 @@ def _trained_adapter(base, folder, dtype, **lora_kw):
 def test_fp32_merge_matches_unmerged(tmp_path, smol_tokenizer_dir, use_dora):
     save_tiny_llama(tmp_path / "base", smol_tokenizer_dir)
     unmerged = _trained_adapter(tmp_path / "base", tmp_path / "adapter", torch.float32, use_dora=use_dora).eval()
-    rep = merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged", dtype=torch.float32, device="cpu",
-                report_tokens=512)
+    rep = merge(
+        tmp_path / "base",
+        tmp_path / "adapter",
+        tmp_path / "merged",
+        dtype=torch.float32,
+        device="cpu",
+        report_tokens=512,
+    )
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     with torch.no_grad():
         a, b = unmerged(IDS).logits, merged(IDS).logits

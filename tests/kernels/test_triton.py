@@ -58,9 +58,7 @@ def skip_big(shape: tuple[int, ...]) -> None:
         pytest.skip("too large for Triton's interpreter")
 
 
-def make_input(
-    shape: tuple[int, ...], dtype: torch.dtype, blocksize: int, quant_type: str = "nf4", seed: int = 0
-):
+def make_input(shape: tuple[int, ...], dtype: torch.dtype, blocksize: int, quant_type: str = "nf4", seed: int = 0):
     """Random weights plus hard cases: a zero block, exact midpoint ties, subnormals, an all-zero tail."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g) * 2.5
@@ -221,9 +219,7 @@ def test_blockwise8_identical(blocksize, dtype, shape):
     assert_same(q, ref_q, "8-bit codes")
     assert_same(absmax, ref_absmax, "absmax")
     for out_dtype in FLOATS:
-        out = quant8.dequantize_blockwise(
-            ref_q.to(DEV), ref_absmax.to(DEV), code.to(DEV), blocksize, out_dtype
-        )
+        out = quant8.dequantize_blockwise(ref_q.to(DEV), ref_absmax.to(DEV), code.to(DEV), blocksize, out_dtype)
         expected = blockwise8.dequantize_blockwise_ref(ref_q, ref_absmax, code, blocksize, out_dtype)
         assert_same(out, expected, f"dequantized {out_dtype}")
 

@@ -239,12 +239,8 @@ def test_logits_and_gradients_match_peft(kwargs: dict) -> None:
     # Gradients agree too, so DoRA's detached norm is detached exactly where PEFT detaches it.
     for path, layer in lora_layers(mine):
         other = theirs.base_model.model.get_submodule(path)
-        torch.testing.assert_close(
-            layer.lora_A.weight.grad, other.lora_A["default"].weight.grad, atol=ATOL, rtol=1e-4
-        )
-        torch.testing.assert_close(
-            layer.lora_B.weight.grad, other.lora_B["default"].weight.grad, atol=ATOL, rtol=1e-4
-        )
+        torch.testing.assert_close(layer.lora_A.weight.grad, other.lora_A["default"].weight.grad, atol=ATOL, rtol=1e-4)
+        torch.testing.assert_close(layer.lora_B.weight.grad, other.lora_B["default"].weight.grad, atol=ATOL, rtol=1e-4)
         if layer.use_dora:
             torch.testing.assert_close(
                 layer.lora_magnitude_vector.grad,
@@ -260,9 +256,7 @@ def test_train_mode_dropout_matches_peft(use_dora: bool) -> None:
     base = tiny_llama()
     mine = add_lora(copy.deepcopy(base), r=8, alpha=16, dropout=0.3, use_dora=use_dora, dtype=torch.float32)
     randomize(mine)
-    theirs = peft_twin(
-        base, mine, r=8, lora_alpha=16, lora_dropout=0.3, target_modules="all-linear", use_dora=use_dora
-    )
+    theirs = peft_twin(base, mine, r=8, lora_alpha=16, lora_dropout=0.3, target_modules="all-linear", use_dora=use_dora)
     mine.train()
     theirs.train()
     ids = torch.randint(0, 256, (2, 12))
@@ -327,9 +321,7 @@ def test_modules_to_save_unties_a_shared_head() -> None:
         copy.deepcopy(base),
         peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", modules_to_save=["lm_head"]),
     )
-    assert (
-        trainable_parameters(mine) == theirs.get_nb_trainable_parameters()
-    )  # tied: PEFT's original counts once
+    assert trainable_parameters(mine) == theirs.get_nb_trainable_parameters()  # tied: PEFT's original counts once
 
 
 # --- errors -------------------------------------------------------------------------------------------------
@@ -380,18 +372,14 @@ def quantized_twins(
     return quantized, plain
 
 
-@pytest.mark.parametrize(
-    "kind, use_dora", [("Linear4bit", False), ("Linear4bit", True), ("Linear8bit", True)]
-)
+@pytest.mark.parametrize("kind, use_dora", [("Linear4bit", False), ("Linear4bit", True), ("Linear8bit", True)])
 def test_quantized_base_matches_peft_on_dequantized_weights(kind: str, use_dora: bool) -> None:
     # fp32 compute: the quantized layer multiplies by exactly its dequantized weight, so fp32 tolerance holds.
     quantized, plain = quantized_twins(torch.float32, kind)
     mine = add_lora(quantized, r=8, alpha=16, dropout=0.0, use_dora=use_dora, dtype=torch.float32)
     randomize(mine)
     theirs = peft_twin(plain, mine, r=8, lora_alpha=16, target_modules="all-linear", use_dora=use_dora)
-    assert (
-        trainable_parameters(mine) == theirs.get_nb_trainable_parameters()
-    )  # logical in×out for packed weights
+    assert trainable_parameters(mine) == theirs.get_nb_trainable_parameters()  # logical in×out for packed weights
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(mine(ids).logits, theirs(input_ids=ids).logits, atol=ATOL, rtol=0)

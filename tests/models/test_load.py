@@ -31,10 +31,14 @@ def _save_random(model_type: str, folder, seed=0, **save_kw):
 
 
 def _bnb_4bit(folder, dq=True, quant_type="nf4", storage=torch.uint8):
-    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=dq,
-                            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=storage)
-    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=qc, dtype=torch.bfloat16,
-                                                device_map="cpu")
+    qc = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=dq,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=storage,
+    )
+    return AutoModelForCausalLM.from_pretrained(folder, quantization_config=qc, dtype=torch.bfloat16, device_map="cpu")
 
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))

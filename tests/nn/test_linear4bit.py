@@ -71,9 +71,7 @@ def _bnb_layer(w, b, qtype, dq, storage, blocksize=64):
 
 
 def _bnb_state(sd, prefix="weight."):
-    return bnbf.QuantState.from_dict(
-        {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}, "cpu"
-    )
+    return bnbf.QuantState.from_dict({k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}, "cpu")
 
 
 def _cases():
@@ -145,9 +143,7 @@ def test_bnb_checkpoint_through_safetensors(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_from_linear_quantizes_like_quantize_4bit(dtype):
     lin = nn.Linear(17, 33).to(dtype)
-    layer = Linear4bit.from_linear(
-        lin, quant_type="fp4", compress_statistics=True, quant_storage=torch.float16
-    )
+    layer = Linear4bit.from_linear(lin, quant_type="fp4", compress_statistics=True, quant_storage=torch.float16)
     packed, state = quantize_4bit(lin.weight.detach(), "fp4", 64, True, torch.float16)
     assert _same(layer.weight, packed) and not layer.weight.requires_grad
     for name, ref in [
@@ -197,9 +193,7 @@ def test_gradients_match_linear_on_dequantized_weight(device):
         assert torch.equal(x.grad, x_ref.grad)
     else:  # cuBLAS may pick another kernel for autograd's operand layout; fp32 (no TF32) rounding only
         torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(
-        layer.bias.grad, ref.bias.grad, rtol=1e-6, atol=1e-6
-    )  # summation order may differ
+    torch.testing.assert_close(layer.bias.grad, ref.bias.grad, rtol=1e-6, atol=1e-6)  # summation order may differ
     assert layer.weight.grad is None
 
 
@@ -239,9 +233,7 @@ def test_dtype_casts_leave_packed_bytes_alone():
     with pytest.raises(RuntimeError, match="the packed weight is torch.float16 but quant_storage is"):
         layer(x)
     biased = Linear4bit(64, 48, quant_storage=torch.bfloat16).half()
-    assert (
-        biased.bias.dtype == torch.float16 and biased.weight.dtype == torch.bfloat16
-    )  # the bias may be cast
+    assert biased.bias.dtype == torch.float16 and biased.weight.dtype == torch.bfloat16  # the bias may be cast
 
 
 def test_device_moves_keep_state_together(device):
@@ -263,9 +255,7 @@ def test_meta_construction_matches_real_layout_and_loads():
     assert list(sd) == list(lazy_sd)
     for k in sd:
         assert lazy_sd[k].is_meta and lazy_sd[k].dtype == sd[k].dtype, k
-        assert lazy_sd[k].shape == sd[k].shape or k.endswith("__fp4"), (
-            k
-        )  # JSON length depends on the offset digits
+        assert lazy_sd[k].shape == sd[k].shape or k.endswith("__fp4"), k  # JSON length depends on the offset digits
     lazy.load_state_dict(sd)  # a meta layer materializes (assign semantics)
     x = torch.randn(2, 100)
     assert torch.equal(lazy(x), real(x)) and not lazy.weight.is_meta
@@ -378,21 +368,15 @@ def test_corrupt_state_dict_names_the_key(edit, message):
 
 
 def test_wrong_shape_and_unquantized_weight_are_reported():
-    with pytest.raises(
-        RuntimeError, match=re.escape("size mismatch for weight: the checkpoint weight is [64, 32]")
-    ):
+    with pytest.raises(RuntimeError, match=re.escape("size mismatch for weight: the checkpoint weight is [64, 32]")):
         Linear4bit(64, 32).load_state_dict(Linear4bit(32, 64).state_dict())
-    with pytest.raises(
-        RuntimeError, match="holds an unquantized weight; quantize it with Linear4bit.from_linear"
-    ):
+    with pytest.raises(RuntimeError, match="holds an unquantized weight; quantize it with Linear4bit.from_linear"):
         Linear4bit(64, 32).load_state_dict(nn.Linear(64, 32).state_dict())
 
 
 def test_non_strict_loading_reports_standard_keys():
     model, sd = _model(), _model().state_dict()
-    for k in [
-        k for k in sd if k.startswith(P2 + "weight")
-    ]:  # a layer the checkpoint lacks, quant state included
+    for k in [k for k in sd if k.startswith(P2 + "weight")]:  # a layer the checkpoint lacks, quant state included
         del sd[k]
     sd[P + "weight.extra"] = torch.zeros(1)
     before = model.model.layers[1].q_proj.dequantize()

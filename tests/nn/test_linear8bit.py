@@ -23,9 +23,7 @@ def _same(a, b):
 
 def _weights(out_f, in_f, seed):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(out_f, in_f, generator=g) * torch.rand(out_f, 1, generator=g), torch.randn(
-        out_f, generator=g
-    )
+    return torch.randn(out_f, in_f, generator=g) * torch.rand(out_f, 1, generator=g), torch.randn(out_f, generator=g)
 
 
 def _bnb_layer(w=None, b=None, out_f=None, in_f=None):
@@ -100,9 +98,7 @@ def test_from_linear_quantizes_like_quantize_int8_rowwise():
     assert _same(layer.weight, cb) and _same(layer.SCB, scb) and not layer.weight.requires_grad
     assert _same(layer.bias, lin.bias.detach()) and layer.bias.data_ptr() != lin.bias.data_ptr()
     wrapped = Linear8bit.from_quantized(cb, scb)
-    assert wrapped.weight.data_ptr() == cb.data_ptr() and torch.equal(
-        wrapped.dequantize(), layer.dequantize()
-    )
+    assert wrapped.weight.data_ptr() == cb.data_ptr() and torch.equal(wrapped.dequantize(), layer.dequantize())
 
 
 def test_gradients_match_linear_on_dequantized_weight(device):

@@ -32,9 +32,7 @@ def make_params(dtype: torch.dtype, device: str = "cpu", seed: int = 0) -> list[
 def grads_for(params: list[torch.Tensor], step: int, seed: int = 1) -> list[torch.Tensor]:
     """Gradients whose scale changes by 10x a step, so blocks see growing and shrinking moments."""
     gen = torch.Generator().manual_seed(seed + step)
-    return [
-        (torch.randn(p.shape, generator=gen) * 10.0 ** (step % 3 - 1)).to(p.device, p.dtype) for p in params
-    ]
+    return [(torch.randn(p.shape, generator=gen) * 10.0 ** (step % 3 - 1)).to(p.device, p.dtype) for p in params]
 
 
 def run(opt: torch.optim.Optimizer, params: list[torch.Tensor], steps: range) -> None:
@@ -117,9 +115,7 @@ INTERPRETED = textwrap.dedent(
 def test_fused_kernel_matches_reference_interpreted():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run(
-        [sys.executable, "-c", INTERPRETED], env=env, cwd=root, capture_output=True, text=True
-    )
+    out = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, cwd=root, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
@@ -260,9 +256,7 @@ def test_mixed_devices_are_refused(cls):
         cls([a, b]).step()
 
 
-@pytest.mark.parametrize(
-    "kwargs", [dict(lr=-1.0), dict(betas=(0.9, 1.0)), dict(eps=-1e-8), dict(weight_decay=-0.1)]
-)
+@pytest.mark.parametrize("kwargs", [dict(lr=-1.0), dict(betas=(0.9, 1.0)), dict(eps=-1e-8), dict(weight_decay=-0.1)])
 def test_bad_hyperparameters_are_refused(kwargs):
     with pytest.raises(ValueError):
         AdamW8bit([torch.zeros(4, requires_grad=True)], **kwargs)

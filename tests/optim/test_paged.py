@@ -103,9 +103,7 @@ INTERPRETED = textwrap.dedent(
 def test_chunked_fused_update_equals_one_chunk_interpreted():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(sys.path))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    out = subprocess.run(
-        [sys.executable, "-c", INTERPRETED], env=env, cwd=root, capture_output=True, text=True
-    )
+    out = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, cwd=root, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
@@ -141,13 +139,9 @@ def test_gpu_kernel_matches_cpu_reference(dtype, monkeypatch):
             bound = (step + 1) * (1e-2 * 2.0**-20 + torch.finfo(dtype).eps * q.detach().abs())
             assert ((p.detach().cpu() - q).abs() <= bound).all()
             exact += int(
-                torch.equal(p.detach().cpu(), r)
-                and all(torch.equal(a[k].cpu(), b[k]) for k in b if k != "step")
+                torch.equal(p.detach().cpu(), r) and all(torch.equal(a[k].cpu(), b[k]) for k in b if k != "step")
             )
-    print(
-        f"GPU == IEEE-sqrt CPU reference exactly for {exact} of"
-        f" {4 * sum(p.numel() >= 4096 for p in gpu)} updates"
-    )
+    print(f"GPU == IEEE-sqrt CPU reference exactly for {exact} of {4 * sum(p.numel() >= 4096 for p in gpu)} updates")
 
 
 @pytest.mark.gpu
@@ -204,9 +198,7 @@ def test_gpu_paged_state_stays_on_host():
     held = torch.cuda.memory_allocated() - before
     state_bytes = sum(2 * p.numel() + 8 * (-(-p.numel() // 256)) for p in params)
     assert held < 0.10 * state_bytes, (held, state_bytes)
-    assert all(
-        opt.state[p]["state1"].device.type == "cpu" and opt.state[p]["state1"].is_pinned() for p in params
-    )
+    assert all(opt.state[p]["state1"].device.type == "cpu" and opt.state[p]["state1"].is_pinned() for p in params)
 
 
 @pytest.mark.gpu

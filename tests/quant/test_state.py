@@ -20,7 +20,9 @@ def test_as_dict_equals_bnb(dq, quant_type):
         assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
     if dq:  # the JSON example from BNB_FORMAT.md: key order and spelling
         meta = bytes(ours[f"quant_state.bitsandbytes__{quant_type}"].numpy()).decode()
-        assert meta.startswith(f'{{"quant_type": "{quant_type}", "blocksize": 64, "dtype": "bfloat16", "shape": [64, 300]')
+        assert meta.startswith(
+            f'{{"quant_type": "{quant_type}", "blocksize": 64, "dtype": "bfloat16", "shape": [64, 300]'
+        )
         assert '"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": ' in meta
 
 
@@ -72,8 +74,16 @@ def test_corrupt_entries_named():
     with pytest.raises(ValueError, match="unknown quant state key"):
         QuantState.from_dict(d)
     d = _packed()
-    d["w.weight.quant_state.bitsandbytes__nf4"] = pack_json({"quant_type": "nf4", "blocksize": 64, "dtype": "int8",
-                                                            "shape": [64, 300], "nested_blocksize": 256,
-                                                            "nested_dtype": "float32", "nested_offset": 0.1})
+    d["w.weight.quant_state.bitsandbytes__nf4"] = pack_json(
+        {
+            "quant_type": "nf4",
+            "blocksize": 64,
+            "dtype": "int8",
+            "shape": [64, 300],
+            "nested_blocksize": 256,
+            "nested_dtype": "float32",
+            "nested_offset": 0.1,
+        }
+    )
     with pytest.raises(ValueError, match="dtype 'int8'"):
         QuantState.from_dict(d)

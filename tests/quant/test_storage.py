@@ -47,7 +47,11 @@ def _journeys(t: torch.Tensor, device: str):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32])
 def test_every_bit_pattern_survives(storage, device):
-    raw = _all_16bit_patterns() if storage != torch.float32 else torch.cat([_all_16bit_patterns(), _fp32_pattern_classes()])
+    raw = (
+        _all_16bit_patterns()
+        if storage != torch.float32
+        else torch.cat([_all_16bit_patterns(), _fp32_pattern_classes()])
+    )
     stored = view_storage(raw, storage)
     assert stored.dtype == storage
     for name, moved in _journeys(stored, device):

@@ -9,8 +9,11 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 def add_model_options(p: argparse.ArgumentParser, adapter: bool = True) -> None:
     """--model, --adapter, --bits, --quant-type, --device."""
-    p.add_argument("--model", default="default",
-                   help="base model: 'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf file or a Hub id")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="base model: 'default' (embedded SmolLM2-135M-Instruct), a folder, a .gguf file or a Hub id",
+    )
     if adapter:
         p.add_argument("--adapter", default=None, help="LoRA adapter folder (PEFT format) to apply unmerged")
     p.add_argument("--bits", type=int, default=4, choices=(4, 8, 16), help="how to load the base (default 4)")

@@ -13,11 +13,23 @@ def add_parser(sub) -> None:
     m.add_argument("--model", default="default", help="the base the adapter was trained on")
     m.add_argument("--adapter", required=True, type=Path, help="adapter folder (PEFT format)")
     m.add_argument("--out", required=True, type=Path, help="output folder")
-    m.add_argument("--bits", type=int, default=16, choices=(16, 4),
-                   help="16: dense weights in --dtype (default); 4: requantize to the base's 4-bit format")
+    m.add_argument(
+        "--bits",
+        type=int,
+        default=16,
+        choices=(16, 4),
+        help="16: dense weights in --dtype (default); 4: requantize to the base's 4-bit format",
+    )
     m.add_argument("--dtype", default="bf16", choices=tuple(DTYPES))
-    m.add_argument("--base-bits", "--base_bits", dest="base_bits", type=int, default=4, choices=(4, 8, 16),
-                   help="how the base was loaded for training (default 4)")
+    m.add_argument(
+        "--base-bits",
+        "--base_bits",
+        dest="base_bits",
+        type=int,
+        default=4,
+        choices=(4, 8, 16),
+        help="how the base was loaded for training (default 4)",
+    )
     m.add_argument("--quant-type", "--quant_type", dest="quant_type", default="nf4", choices=("nf4", "fp4"))
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.add_argument("--no-report", dest="report", action="store_false", help="skip the fidelity measurement")

@@ -36,8 +36,14 @@ def _sampling(p: argparse.ArgumentParser) -> None:
 
 
 def _sample_kw(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, stop=args.stop, seed=args.seed)
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        stop=args.stop,
+        seed=args.seed,
+    )
 
 
 def read_prompts(path: Path) -> list[dict]:

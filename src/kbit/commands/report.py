@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -22,7 +23,10 @@ def _quantize_report(args: argparse.Namespace) -> int:
     from ..models.default import default_model_path
 
     if args.model != "default":
-        print(f"error: --model {args.model!r}: only 'default' is supported by quantize-report so far", file=sys.stderr)
+        print(
+            f"error: --model {args.model!r}: only 'default' is supported by quantize-report so far",
+            file=sys.stderr,
+        )
         return 2
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -35,19 +39,28 @@ def _quantize_report(args: argparse.Namespace) -> int:
     weights = linear_weights(model)
     n_params = sum(w.numel() for w in weights.values())
     others = sum(p.numel() for p in model.parameters()) - n_params  # embeddings (tied lm_head), norms
-    print(f"loaded in {time.perf_counter() - t0:.1f} s: {len(weights)} linear layers, {n_params / 1e6:.1f}M "
-          f"parameters in them, {others / 1e6:.1f}M elsewhere (kept in bf16)\n")
+    print(
+        f"loaded in {time.perf_counter() - t0:.1f} s: {len(weights)} linear layers, {n_params / 1e6:.1f}M "
+        f"parameters in them, {others / 1e6:.1f}M elsewhere (kept in bf16)\n"
+    )
     bf16 = 2 * n_params
-    print(f"| format | blocksize | linear weights in memory | vs bf16 | bits/param | rel. RMS error | worst layer (error) |")
+    print(
+        "| format | blocksize | linear weights in memory | vs bf16 | bits/param | rel. RMS error "
+        "| worst layer (error) |"
+    )
     print("|---|---|---|---|---|---|---|")
     print(f"| bf16 | - | {bf16 / 2**20:.1f} MiB | 1.00x | 16.00 | 0 | - |")
     for fmt in args.formats.split(","):
         r = report(weights, fmt, args.blocksize)
-        print(f"| {fmt} | {args.blocksize if fmt != 'int8' else 'row'} | {r.weight_bytes / 2**20:.1f} MiB | "
-              f"{bf16 / r.weight_bytes:.2f}x | {8 * r.weight_bytes / n_params:.2f} | {r.rel_rms_error:.4f} | "
-              f"{r.worst_layer} ({r.worst_error:.4f}) |", flush=True)
+        print(
+            f"| {fmt} | {args.blocksize if fmt != 'int8' else 'row'} | {r.weight_bytes / 2**20:.1f} MiB | "
+            f"{bf16 / r.weight_bytes:.2f}x | {8 * r.weight_bytes / n_params:.2f} | {r.rel_rms_error:.4f} | "
+            f"{r.worst_layer} ({r.worst_error:.4f}) |",
+            flush=True,
+        )
     total = 2 * others + report(weights, "nf4-dq", args.blocksize).weight_bytes
-    print(f"\nwhole model with NF4 + double quant linears: {total / 2**20:.1f} MiB (bf16: {2 * (n_params + others) / 2**20:.1f} MiB)")
+    print(
+        f"\nwhole model with NF4 + double quant linears: {total / 2**20:.1f} MiB "
+        f"(bf16: {2 * (n_params + others) / 2**20:.1f} MiB)"
+    )
     return 0
-
-

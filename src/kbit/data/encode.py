@@ -118,9 +118,7 @@ def encode_text(text: str, tokenizer: Any) -> Example:
     return Example(ids, [IGNORE_INDEX] + ids[1:])
 
 
-def encode_chat(
-    messages: list[dict], tokenizer: Any, *, train_on_prompt: bool = False, where: str = ""
-) -> Example:
+def encode_chat(messages: list[dict], tokenizer: Any, *, train_on_prompt: bool = False, where: str = "") -> Example:
     """Render ``messages`` with the chat template; labels cover assistant turns (or every token with
     ``train_on_prompt``), each turn ending at its end-of-turn (EOS) token."""
     ids = _tokenize(tokenizer, _render(tokenizer, messages, False, where))
@@ -131,11 +129,7 @@ def encode_chat(
         if message["role"] != "assistant":
             continue
         start = _prefix_length(tokenizer, messages[:i], True, ids, where)
-        end = (
-            len(ids)
-            if i == len(messages) - 1
-            else _prefix_length(tokenizer, messages[: i + 1], False, ids, where)
-        )
+        end = len(ids) if i == len(messages) - 1 else _prefix_length(tokenizer, messages[: i + 1], False, ids, where)
         end = _after_end_of_turn(ids, start, end, tokenizer.eos_token_id)
         labels[start:end] = ids[start:end]
     labels[0] = IGNORE_INDEX
@@ -144,9 +138,7 @@ def encode_chat(
 
 def _render(tokenizer: Any, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
     try:
-        return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     # Templates raise jinja2's TemplateError (or anything else) for, e.g., role orders they do not support.
     except Exception as e:
         raise DataError(
@@ -160,9 +152,7 @@ def _tokenize(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _prefix_length(
-    tokenizer: Any, prefix: list[dict], add_generation_prompt: bool, ids: list[int], where: str
-) -> int:
+def _prefix_length(tokenizer: Any, prefix: list[dict], add_generation_prompt: bool, ids: list[int], where: str) -> int:
     """Token count of the rendered ``prefix``, checked to be a prefix of the whole conversation's ``ids``."""
     prefix_ids = _tokenize(tokenizer, _render(tokenizer, prefix, add_generation_prompt, where))
     if ids[: len(prefix_ids)] != prefix_ids:

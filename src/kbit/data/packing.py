@@ -32,9 +32,7 @@ def pack_indices(lengths: list[int], max_seq_len: int) -> list[list[int]]:
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         n = lengths[i]
         if n > max_seq_len:
-            raise ValueError(
-                f"example {i} has {n} tokens > max_seq_len={max_seq_len}; truncate before packing"
-            )
+            raise ValueError(f"example {i} has {n} tokens > max_seq_len={max_seq_len}; truncate before packing")
         k = bisect.bisect_left(free, (n, -1))
         if k == len(free):
             groups.append([i])

@@ -149,9 +149,7 @@ def read_object(obj: Any) -> list[Located]:
     """Records from a list of dicts, a datasets.Dataset (duck-typed), a DataFrame or an iterable of dicts."""
     name = _object_name(obj)
     if isinstance(obj, Mapping):
-        raise DataError(
-            f"{name}: got a mapping with keys {list(obj)[:8]}; pass one split, e.g. dataset['train']"
-        )
+        raise DataError(f"{name}: got a mapping with keys {list(obj)[:8]}; pass one split, e.g. dataset['train']")
     if hasattr(obj, "to_list"):  # datasets.Dataset: one call instead of a slow per-row __getitem__
         items = obj.to_list()
     elif hasattr(obj, "to_dict") and hasattr(obj, "columns"):  # pandas.DataFrame
@@ -161,9 +159,7 @@ def read_object(obj: Any) -> list[Located]:
     elif hasattr(obj, "__iter__"):
         items = list(obj)
     else:
-        raise DataError(
-            f"cannot read records from a {type(obj).__name__}; pass a file path or a list of dicts"
-        )
+        raise DataError(f"cannot read records from a {type(obj).__name__}; pass a file path or a list of dicts")
     return _indexed(name, items)
 
 
@@ -175,9 +171,7 @@ def _indexed(name: str, items: list) -> list[Located]:
         if isinstance(item, Mapping):
             located.append((where, dict(item)))
         else:
-            located.append(
-                (where, _bad(where, f"expected a record (an object), got {_kind(item)}; fix the record"))
-            )
+            located.append((where, _bad(where, f"expected a record (an object), got {_kind(item)}; fix the record")))
     return located
 
 

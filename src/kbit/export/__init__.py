@@ -5,7 +5,6 @@ from .checkpoint import write_hf_folder
 from .merge import MergeReport, merge, merged_tensors, quantize_model
 
 
-
 def export_gguf(model_dir, out_file, out_type: str = "f16", overwrite: bool = False):
     """Write a 16-bit Hugging Face folder as a GGUF file (imports the optional ``gguf`` package on first use)."""
     from .gguf import export_gguf as export

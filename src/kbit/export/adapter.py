@@ -132,15 +132,11 @@ def save_adapter(
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} is a file; save_adapter needs a folder")
     if directory.is_dir() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{directory} already exists and is not empty; pass overwrite=True to write into it"
-        )
+        raise FileExistsError(f"{directory} already exists and is not empty; pass overwrite=True to write into it")
     config = adapter_config(model, base_model_name_or_path)
     tensors = {key: t.detach().to("cpu").contiguous() for key, t in adapter_state_dict(model).items()}
     directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(
-        directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"})
-    )
+    _write_atomically(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     _write_atomically(directory / CONFIG_NAME, lambda p: p.write_text(text))
     return directory
@@ -153,9 +149,7 @@ def read_adapter_config(directory: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"adapter folder {directory} does not exist")
     path = directory / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
-        )
+        raise FileNotFoundError(f"{path} is missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     return json.loads(path.read_text())
 
 
@@ -196,9 +190,7 @@ def _file_key(key: str) -> str:
     return key if key.startswith(PREFIX) else PREFIX + key
 
 
-def load_adapter(
-    model: nn.Module, directory: str | os.PathLike, dtype: torch.dtype = torch.bfloat16
-) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """Load a PEFT-format LoRA folder into ``model``, first adding LoRA layers in ``dtype`` if it has none."""
     directory = Path(directory)
     config = read_adapter_config(directory)
@@ -242,9 +234,7 @@ def load_adapter(
             loaded[name] = tensor
     missing = sorted(set(expected) - set(loaded))
     if missing:
-        raise ValueError(
-            f"{weights} lacks {len(missing)} tensors the model's adapter needs, e.g. {missing[:3]}"
-        )
+        raise ValueError(f"{weights} lacks {len(missing)} tensors the model's adapter needs, e.g. {missing[:3]}")
     with torch.no_grad():  # copy only once every key checked out: a bad file leaves no half-loaded adapter
         for name, tensor in loaded.items():
             expected[name].copy_(tensor)

@@ -132,9 +132,7 @@ def export_gguf(
 def _read_json(path: Path, required: bool = True) -> dict:
     if not path.is_file():
         if required:
-            raise FileNotFoundError(
-                f"{path} is missing; export_gguf needs a folder written by save_pretrained"
-            )
+            raise FileNotFoundError(f"{path} is missing; export_gguf needs a folder written by save_pretrained")
         return {}
     return json.loads(path.read_text())
 
@@ -152,9 +150,7 @@ def _check_supported(folder: Path, config: dict) -> None:
             "; export a 16-bit folder instead (kbit merge with bits=16)"
         )
     if config.get("hidden_act", "silu") != "silu":
-        raise ValueError(
-            f"{folder}: hidden_act={config['hidden_act']!r}; llama.cpp's llama architecture uses silu"
-        )
+        raise ValueError(f"{folder}: hidden_act={config['hidden_act']!r}; llama.cpp's llama architecture uses silu")
 
 
 def _rope(config: dict) -> tuple[float, dict]:
@@ -224,9 +220,7 @@ def _plan(folder: Path, config: dict, tensors: dict, matrix_type: QType) -> list
     expected |= {f"blk.{i}.{t}.weight" for i in range(n_layers) for t in BLOCK_TENSORS}
     missing = expected - {p.name for p in plan}
     if missing:
-        raise ValueError(
-            f"{folder}: the weights lack {len(missing)} tensors llama.cpp needs, e.g. {min(missing)}"
-        )
+        raise ValueError(f"{folder}: the weights lack {len(missing)} tensors llama.cpp needs, e.g. {min(missing)}")
     return sorted(plan, key=_file_order)
 
 
@@ -277,9 +271,7 @@ def _add_model_metadata(writer: gguf.GGUFWriter, folder: Path, config: dict, fil
     theta, rope = _rope(config)
     rope_type = rope.get("rope_type", rope.get("type")) or "default"
     if rope_type not in ("default", "linear", "llama3"):
-        raise ValueError(
-            f"{folder}: rope scaling {rope_type!r} is not exported; supported: default, linear, llama3"
-        )
+        raise ValueError(f"{folder}: rope scaling {rope_type!r} is not exported; supported: default, linear, llama3")
     writer.add_name(folder.resolve().name)
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -329,9 +321,7 @@ def _add_tokenizer_metadata(writer: gguf.GGUFWriter, folder: Path, config: dict)
         _check_id(folder, token, i, vocab_size)
         looks_special = token.startswith("<|") and token.endswith("|>")
         tokens[i] = token
-        types[i] = (
-            gguf.TokenType.CONTROL if added["special"] or looks_special else gguf.TokenType.USER_DEFINED
-        )
+        types[i] = gguf.TokenType.CONTROL if added["special"] or looks_special else gguf.TokenType.USER_DEFINED
     tokens = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]  # rows with no token
 
     writer.add_tokenizer_model("gpt2")
@@ -374,11 +364,7 @@ def _pre_tokenizer_name(folder: Path, pre: dict | None) -> str:
     kinds = [(s or {}).get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
-    if (
-        kinds == ["Digits", "ByteLevel"]
-        and steps[0].get("individual_digits")
-        and steps[1].get("use_regex", True)
-    ):
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"  # single digits, then GPT-2's regex
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) and not steps[0].get("invert"):
         name = _SPLIT_PRE_TOKENIZERS.get(steps[0].get("pattern", {}).get("Regex"))

@@ -51,8 +51,10 @@ class MergeReport:
     def line(self) -> str:
         """One human-readable line."""
         what = "bf16 merge" if self.bits == 16 else f"merge requantized to {self.bits}-bit"
-        return (f"{what}: KL {self.kl:.2e} nats/token, perplexity {self.ppl_unmerged:.3f} -> {self.ppl_merged:.3f} "
-                f"({100 * self.ppl_change:+.2f}%) on {self.tokens} tokens of reference text")
+        return (
+            f"{what}: KL {self.kl:.2e} nats/token, perplexity {self.ppl_unmerged:.3f} -> {self.ppl_merged:.3f} "
+            f"({100 * self.ppl_change:+.2f}%) on {self.tokens} tokens of reference text"
+        )
 
 
 def merge(
@@ -73,8 +75,14 @@ def merge(
     if bits not in (4, 16):
         raise ValueError(f"bits={bits!r}: merge writes 16-bit (dtype) or 4-bit (requantized) models")
     check_output_dir(out_dir, overwrite)
-    model = load_model(base, bits=base_bits, quant_type=quant_type, double_quant=double_quant, compute_dtype=dtype,
-                       device=device)
+    model = load_model(
+        base,
+        bits=base_bits,
+        quant_type=quant_type,
+        double_quant=double_quant,
+        compute_dtype=dtype,
+        device=device,
+    )
     load_adapter(model, adapter_dir, dtype=dtype)
     model.eval()
     cfg: LoadConfig = model.kbit_load_config
@@ -102,14 +110,23 @@ def quantize_model(
 ) -> Path:
     """Write ``source`` as a 4-bit checkpoint that transformers + bitsandbytes load (``quantization_config``)."""
     check_output_dir(out_dir, overwrite)
-    model = load_model(source, bits=4, quant_type=quant_type, double_quant=double_quant, blocksize=blocksize,
-                       compute_dtype=compute_dtype, device=device)
+    model = load_model(
+        source,
+        bits=4,
+        quant_type=quant_type,
+        double_quant=double_quant,
+        blocksize=blocksize,
+        compute_dtype=compute_dtype,
+        device=device,
+    )
     config = _output_config(model, compute_dtype, model.kbit_load_config)
     tensors = merged_tensors(model, compute_dtype, requantize=model.kbit_load_config)
     return write_hf_folder(out_dir, tensors, config, load_tokenizer(source), model.generation_config, overwrite)
 
 
-def merged_tensors(model: nn.Module, dtype: torch.dtype, requantize: LoadConfig | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_tensors(
+    model: nn.Module, dtype: torch.dtype, requantize: LoadConfig | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the model with adapters folded in, one layer at a time, under the base model's names.
 
     Without ``requantize`` everything is written dense in ``dtype``. With it (a 4-bit checkpoint), 4-bit layers
@@ -140,7 +157,10 @@ def merged_tensors(model: nn.Module, dtype: torch.dtype, requantize: LoadConfig 
                 if p is None or id(p) in seen:
                     continue  # tied weights (lm_head = embed_tokens) are written once
                 seen.add(id(p))
-                yield f"{name}.{pname}" if name else pname, p.detach().to(dtype) if p.is_floating_point() else p
+                yield (
+                    f"{name}.{pname}" if name else pname,
+                    p.detach().to(dtype) if p.is_floating_point() else p,
+                )
 
 
 def _leaves(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

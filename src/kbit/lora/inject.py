@@ -176,9 +176,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, dtype: torch.dtype = to
         raise ValueError(f"{type(model).__name__} already has LoRA layers; kbit holds one adapter per model")
     targets = find_targets(model, settings)
     if not targets:
-        raise ValueError(
-            f"target_modules={settings.target_modules!r} selects no layer of {type(model).__name__}"
-        )
+        raise ValueError(f"target_modules={settings.target_modules!r} selects no layer of {type(model).__name__}")
     model.requires_grad_(False)
     for path in targets:
         layer = LoRALinear(

@@ -33,9 +33,7 @@ def is_quantized_linear(module: nn.Module) -> bool:
 
 def is_linear_like(module: nn.Module) -> bool:
     """True for a module LoRA can wrap: ``nn.Linear`` or a quantized linear with the dequantize contract."""
-    return not isinstance(module, LoRALinear) and (
-        isinstance(module, nn.Linear) or is_quantized_linear(module)
-    )
+    return not isinstance(module, LoRALinear) and (isinstance(module, nn.Linear) or is_quantized_linear(module))
 
 
 def base_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -101,9 +99,7 @@ class LoRALinear(nn.Module):
         if use_dora:
             # m starts at the row norms of the (dequantized) effective weight, so DoRA starts as the identity.
             with torch.no_grad():
-                norm = self._row_norm(
-                    base_weight(base_layer, torch.float32), self._lora_weight(torch.float32)
-                )
+                norm = self._row_norm(base_weight(base_layer, torch.float32), self._lora_weight(torch.float32))
             self.lora_magnitude_vector = nn.Parameter(norm.to(dtype))
         else:
             self.register_parameter("lora_magnitude_vector", None)

@@ -84,8 +84,16 @@ def load_model(
     ``source``: ``"default"`` (the embedded SmolLM2-135M-Instruct), a local folder (config.json + safetensors,
     sharded or not, or a transformers + bitsandbytes 4/8-bit checkpoint), a ``.gguf`` file, or a Hugging Face Hub id.
     """
-    cfg = LoadConfig(str(source), bits, quant_type, double_quant, blocksize, compute_dtype, quant_storage,
-                     tuple(skip_modules))
+    cfg = LoadConfig(
+        str(source),
+        bits,
+        quant_type,
+        double_quant,
+        blocksize,
+        compute_dtype,
+        quant_storage,
+        tuple(skip_modules),
+    )
     cfg.validate()
     device = torch.device(device) if device is not None else default_device()
     path = resolve_source(source)
@@ -211,7 +219,8 @@ class _Shards:
             files = sorted(p.name for p in folder.glob("*.safetensors"))
             if not files:
                 raise FileNotFoundError(
-                    f"{folder} has no *.safetensors weights; save the model with save_pretrained(safe_serialization=True)"
+                    f"{folder} has no *.safetensors weights; "
+                    "save the model with save_pretrained(safe_serialization=True)"
                 )
         self.entries: dict[str, tuple[Path, int, str, list[int], int]] = {}
         for f in files:
@@ -268,7 +277,7 @@ def _renamings(model) -> list[tuple[str, str]]:
         (src, tgt)
         for t in get_model_conversion_mapping(model)
         if isinstance(t, WeightRenaming)
-        for src, tgt in zip(t.source_patterns, t.target_patterns)
+        for src, tgt in zip(t.source_patterns, t.target_patterns, strict=False)
     ]
 
 
@@ -287,8 +296,10 @@ def _pre_quantization(config) -> dict | None:
         return None
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     if qc.get("quant_method") != "bitsandbytes":
-        raise ValueError(f"quantization_config.quant_method={qc.get('quant_method')!r} is not supported; kbit reads "
-                         "bitsandbytes 4-bit and 8-bit checkpoints or unquantized ones")
+        raise ValueError(
+            f"quantization_config.quant_method={qc.get('quant_method')!r} is not supported; kbit reads "
+            "bitsandbytes 4-bit and 8-bit checkpoints or unquantized ones"
+        )
     return qc
 
 
@@ -351,8 +362,9 @@ def _quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, cfg: LoadConfig
 def _prequantized_linear(shards: _Shards, base: str, bias, cfg: LoadConfig, device: torch.device) -> nn.Module:
     weight = shards.get(f"{base}.weight").to(device)
     if f"{base}.SCB" in shards:
-        return Linear8bit.from_quantized(weight, shards.get(f"{base}.SCB").to(device), bias=bias,
-                                         compute_dtype=cfg.compute_dtype)
+        return Linear8bit.from_quantized(
+            weight, shards.get(f"{base}.SCB").to(device), bias=bias, compute_dtype=cfg.compute_dtype
+        )
     group = {k: shards.get(k) for k in shards.keys() if k.startswith(f"{base}.weight.")}
     state = QuantState.from_dict(group, device=device, where=f"{base}.weight")
     cfg.quant_type, cfg.blocksize, cfg.double_quant = state.quant_type, state.blocksize, state.nested
@@ -387,8 +399,10 @@ def _fill_parameters(model, shards: _Shards, prefix: str, done: set[str], cfg: L
 
 def _is_tied_output(model, name: str) -> bool:
     out = model.get_output_embeddings()
-    return out is not None and getattr(model.config, "tie_word_embeddings", False) and any(
-        p is out.weight for n, p in model.named_parameters(remove_duplicate=False) if n == name
+    return (
+        out is not None
+        and getattr(model.config, "tie_word_embeddings", False)
+        and any(p is out.weight for n, p in model.named_parameters(remove_duplicate=False) if n == name)
     )
 
 

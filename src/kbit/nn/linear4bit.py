@@ -227,9 +227,7 @@ class Linear4bit(nn.Module):
         super()._load_from_state_dict(rest, prefix, meta, strict, missing_keys, unexpected_keys, error_msgs)
         if key not in state_dict:
             if ours:
-                error_msgs.append(
-                    f"{key} missing, but its quant state is present ({', '.join(sorted(ours))})"
-                )
+                error_msgs.append(f"{key} missing, but its quant state is present ({', '.join(sorted(ours))})")
             return  # nn.Module listed it in missing_keys; with strict=False the layer keeps its weight
         if key in missing_keys:
             missing_keys.remove(key)
@@ -285,9 +283,7 @@ def read_packed_4bit(
     except (ValueError, TypeError) as e:
         raise ValueError(f"{key}.{jname} is corrupt: {e}") from None
     if shape is not None and wshape != tuple(shape):
-        raise ValueError(
-            f"size mismatch for {key}: the checkpoint weight is {list(wshape)}, the layer {list(shape)}"
-        )
+        raise ValueError(f"size mismatch for {key}: the checkpoint weight is {list(wshape)}, the layer {list(shape)}")
     _check_packed_size(packed, math.prod(wshape), key)
     nested = "nested_offset" in meta or "nested_absmax" in stats
     blocks = -(-math.prod(wshape) // int(meta["blocksize"]))

@@ -322,9 +322,7 @@ class AdamW8bit(torch.optim.Optimizer):
             return
         self._sync_buckets(large)
         tables = self._tables(large[0][1].device)
-        fused_step(
-            self._buckets, large, {id(p): self.state[p]["step"] for _, p in large}, tables, STATE8_NAMES
-        )
+        fused_step(self._buckets, large, {id(p): self.state[p]["step"] for _, p in large}, tables, STATE8_NAMES)
 
     def state_dict(self) -> dict:
         """torch's optimizer state dict, every state tensor a standalone copy (not a view of flat buffers)."""
@@ -332,8 +330,7 @@ class AdamW8bit(torch.optim.Optimizer):
             b.synchronize()
         sd = super().state_dict()
         sd["state"] = {
-            k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()}
-            for k, s in sd["state"].items()
+            k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()} for k, s in sd["state"].items()
         }
         return sd
 
@@ -353,9 +350,7 @@ class AdamW8bit(torch.optim.Optimizer):
         self.state = defaultdict(dict)
         for pid, s in saved.items():
             if pid not in ids:
-                raise ValueError(
-                    f"state dict has state for parameter id {pid}, which none of its param groups lists"
-                )
+                raise ValueError(f"state dict has state for parameter id {pid}, which none of its param groups lists")
             p = ids[pid]
             sizes = {"state1": p.numel(), "state2": p.numel(), "absmax1": blocks_of(p.numel())}
             sizes["absmax2"] = sizes["absmax1"]

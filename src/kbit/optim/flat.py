@@ -40,9 +40,7 @@ class FlatLayout:
     params: list[torch.Tensor]
     first_block: list[int]  # first global block of each parameter
     nblocks: int
-    tiles: (
-        torch.Tensor
-    )  # int32 [ntiles, 2]: (parameter index, first block inside the parameter), on the device
+    tiles: torch.Tensor  # int32 [ntiles, 2]: (parameter index, first block inside the parameter), on the device
     chunks: list[Chunk]
 
     @property
@@ -56,9 +54,7 @@ def blocks_of(numel: int) -> int:
     return -(-numel // BLOCK)
 
 
-def build_layout(
-    params: Sequence[torch.Tensor], device: torch.device, chunk_blocks: int | None = None
-) -> FlatLayout:
+def build_layout(params: Sequence[torch.Tensor], device: torch.device, chunk_blocks: int | None = None) -> FlatLayout:
     """Lay ``params`` out back to back in 256-blocks; tile them; cut the tiles into chunks of
     ~``chunk_blocks``."""
     nb = torch.tensor([blocks_of(p.numel()) for p in params], dtype=torch.int64)
@@ -66,9 +62,7 @@ def build_layout(
     ntiles = -(-nb // TILE_BLOCKS)
     owner = torch.repeat_interleave(torch.arange(len(params)), ntiles)  # [T] parameter of each tile
     tile_start = torch.cumsum(ntiles, 0) - ntiles
-    local = (
-        torch.arange(int(ntiles.sum())) - tile_start[owner]
-    ) * TILE_BLOCKS  # first block inside the param
+    local = (torch.arange(int(ntiles.sum())) - tile_start[owner]) * TILE_BLOCKS  # first block inside the param
     gstart = first[owner] + local  # first global block of each tile
     gend = first[owner] + torch.minimum(local + TILE_BLOCKS, nb[owner])
     total = int(nb.sum())
@@ -149,9 +143,7 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy a small host table to ``device`` without blocking (through pinned memory when it is a GPU)."""
     if device.type != "cuda":
         return host.to(device)
-    return host.pin_memory().to(
-        device, non_blocking=True
-    )  # the host allocator keeps it until the copy is done
+    return host.pin_memory().to(device, non_blocking=True)  # the host allocator keeps it until the copy is done
 
 
 def scalar_row(

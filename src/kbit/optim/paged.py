@@ -48,9 +48,7 @@ class PagedStates:
         cap = self.flat.layout.max_chunk_blocks
         self.staging = [
             {
-                name: torch.empty(
-                    cap * (BLOCK if self.flat.per_element[name] else 1), dtype=buf.dtype, device=device
-                )
+                name: torch.empty(cap * (BLOCK if self.flat.per_element[name] else 1), dtype=buf.dtype, device=device)
                 for name, buf in self.flat.buffers.items()
             }
             for _ in range(2)
@@ -170,8 +168,7 @@ class PagedAdamW(torch.optim.AdamW):
             b.synchronize()
         sd = super().state_dict()
         sd["state"] = {
-            k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()}
-            for k, s in sd["state"].items()
+            k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()} for k, s in sd["state"].items()
         }
         return sd
 

@@ -82,7 +82,7 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dequantize packed 4-bit ``packed`` (any storage dtype) to ``state.shape`` in ``out_dtype`` (default state.dtype)."""
+    """Dequantize ``packed`` (any storage dtype) to ``state.shape`` in ``out_dtype`` (default ``state.dtype``)."""
     out_dtype = state.dtype if out_dtype is None else out_dtype
     validate.check_out_dtype(out_dtype)
     check_quant_type(state.quant_type)
@@ -151,7 +151,9 @@ def _pack(scaled: torch.Tensor, mid: torch.Tensor, order: torch.Tensor) -> torch
     return (q[0::2] << 4) | q[1::2]
 
 
-def dequantize_4bit_ref(raw: torch.Tensor, absmax: torch.Tensor, state: QuantState, out_dtype: torch.dtype) -> torch.Tensor:
+def dequantize_4bit_ref(
+    raw: torch.Tensor, absmax: torch.Tensor, state: QuantState, out_dtype: torch.dtype
+) -> torch.Tensor:
     """Reference 4-bit dequantizer from flat bytes and float32 block scales."""
     n, bs = state.shape.numel(), state.blocksize
     table = state.code.to(raw.device, torch.float32)

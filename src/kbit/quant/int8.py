@@ -29,7 +29,9 @@ def quantize_int8_rowwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cb.to(torch.int8), scb
 
 
-def dequantize_int8_rowwise(cb: torch.Tensor, scb: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int8_rowwise(
+    cb: torch.Tensor, scb: torch.Tensor, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``CB * SCB * (1/127)`` row-wise in float32, cast to ``out_dtype``."""
     if cb.dtype != torch.int8:
         raise ValueError(f"int8 weight codes must be int8, got {cb.dtype}")

@@ -59,9 +59,7 @@ else:
     @triton.jit
     def sqrt_rn(x):
         """Correctly rounded square root, subnormals kept (tl.sqrt may approximate)."""
-        return tl.inline_asm_elementwise(
-            "sqrt.rn.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
+        return tl.inline_asm_elementwise("sqrt.rn.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit

@@ -22,9 +22,7 @@ WARPS = 8
 
 
 @triton.jit
-def _quantize_blockwise_kernel(
-    x_ptr, lut_ptr, q_ptr, absmax_ptr, n, nblocks, BS: tl.constexpr, R: tl.constexpr
-):
+def _quantize_blockwise_kernel(x_ptr, lut_ptr, q_ptr, absmax_ptr, n, nblocks, BS: tl.constexpr, R: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     blk = pid * R + tl.arange(0, R)  # [R]
     offs = blk[:, None] * BS + tl.arange(0, BS)[None, :]  # [R, BS]
@@ -61,9 +59,7 @@ def _dequantize_blockwise_kernel(
     tl.store(out_ptr + offs, round_to(v, out_ptr.dtype.element_ty), mask=mask)
 
 
-def quantize_blockwise(
-    x: torch.Tensor, code: torch.Tensor, blocksize: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize CUDA ``x`` to 8-bit codes of ``code`` per block: (q uint8 shaped like x, absmax fp32)."""
     flat = x.contiguous().reshape(-1)
     n = flat.numel()
