@@ -31,7 +31,10 @@ def _assert_same_as_bnb(x, quant_type, blocksize, dq, storage=torch.uint8):
         assert torch.equal(s.offset, ref_s.offset)
         assert torch.equal(s.nested_absmax, ref_s.state2.absmax)
         assert torch.equal(s.nested_code, ref_s.state2.code)
-    ref_d = bnbf.dequantize_4bit(ref_p, ref_s)
+    # bitsandbytes' float32 products, rounded to nearest-even here: its native fp16 conversion differs from
+    # round-to-nearest for some outputs on AVX-512 hosts (seen on the H100 machine's CPU), and kbit follows torch.
+    ref_s.dtype = torch.float32
+    ref_d = bnbf.dequantize_4bit(ref_p, ref_s).to(x.dtype)
     d = dequantize_4bit(p, s)
     assert d.dtype == x.dtype and d.shape == x.shape
     assert torch.equal(d, ref_d.reshape(x.shape))

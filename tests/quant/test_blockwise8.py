@@ -26,6 +26,7 @@ def test_bit_exact(dtype, blocksize):
     q, absmax = quantize_blockwise(x, blocksize=blocksize)
     assert torch.equal(q, q_ref) and torch.equal(absmax, st.absmax)
     d = dequantize_blockwise(q, absmax, blocksize=blocksize, out_dtype=dtype)
+    st.dtype = torch.float32  # bitsandbytes' float32 products; see test_blockwise4 for why the cast is torch's
     assert torch.equal(d, bnbf.dequantize_blockwise(q_ref, st).to(dtype))
 
 
