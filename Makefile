@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 run: install
-	$(PY) -m kbit quantize-report
+	$(PY) -m kbit train
 
 test: install
 	$(PY) -m pytest -q

@@ -8,6 +8,7 @@ from .generate import generate
 from .lora import add_lora, print_trainable_parameters
 from .models import load_model, load_tokenizer
 from .quant import QuantState, dequantize_4bit, quantize_4bit
+from .train import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 __all__ = [
@@ -23,4 +24,6 @@ __all__ = [
     "quantize_4bit",
     "quantize_model",
     "save_adapter",
+    "TrainConfig",
+    "Trainer",
 ]

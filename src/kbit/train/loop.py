@@ -1,0 +1,507 @@
+"""The training loop: one plain loop over optimizer steps, readable top to bottom.
+
+Loss. Each optimizer step takes ``gradient_accumulation_steps`` micro-batches. The loss of the step is the sum
+of token cross-entropies over every target token of all its micro-batches divided by their total count, which
+is known before the first forward because the whole window is collated first. So 4 micro-batches of 1 give
+the same loss and gradients as one batch of 4, however uneven the lengths (averaging per-micro-batch means,
+as several frameworks did, weights the tokens of short sequences more). The loss is computed here from the
+logits, not by the model, and only at the positions that have a target (``logits_to_keep``), which spares the
+vocabulary projection of prompt and padding tokens.
+
+Exact resume. The data order of epoch ``e`` is a permutation seeded by (seed, e), so the data position is a
+function of the step; a checkpoint stores the adapter, optimizer, scheduler, step and every RNG state, and a
+run resumed from step k computes the same losses, bit for bit, as one that never stopped. Evaluation runs
+under ``torch.random.fork_rng`` so it draws nothing from the training streams.
+
+Stops. SIGINT/SIGTERM (and :meth:`Trainer.request_stop`) finish the current step, save a checkpoint and
+return. A non-finite loss or gradient norm stops before the optimizer step, saves the state from before that
+step and raises :class:`TrainingDiverged` naming the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data import IGNORE_INDEX, Batch, Example, TokenizedData, collate
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig, build_config
+from .metrics import MetricsLogger
+from .progress import Progress, memory_gib
+from .schedule import OptimizerFactory, build_optimizer, build_scheduler, lr_factor, warmup_steps
+
+Callback = Callable[["Trainer", dict[str, Any]], None]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.train` did."""
+
+    step: int  # optimizer steps completed (counting those before a resume)
+    losses: list[float] = field(default_factory=list)  # train loss of each step this call ran, in order
+    eval_loss: float | None = None  # the last evaluation's loss
+    checkpoint: Path | None = None  # the last checkpoint written
+    # "SIGINT", "SIGTERM" or "request" when stopped early; None when it ran to the end
+    stopped_by: str | None = None
+    output_dir: Path | None = None
+
+
+def resolve_bf16(config: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast: as configured, else on for CUDA GPUs that support bf16 and off on CPUs (where float32
+    matmuls are several times faster than bf16 ones without AVX512-BF16/AMX)."""
+    if config.bf16 is not None:
+        return config.bf16
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def default_output_dir(config: TrainConfig, job: str = "run") -> Path:
+    """``output_dir`` when given, else ``runs/<run_name>`` (``runs/<job>-<date>-<time>`` without a name)."""
+    if config.output_dir is not None:
+        return Path(config.output_dir).expanduser()
+    return Path("runs") / (config.run_name or f"{job}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+class Trainer:
+    """Trains the trainable parameters (LoRA) of ``model`` on ``train_data`` as ``config`` says.
+
+    ``train_data`` / ``eval_data``: :class:`kbit.data.TokenizedData`, a list of :class:`kbit.data.Example`, or
+    anything :func:`kbit.data.load_dataset` reads (tokenized here with ``tokenizer``). ``optimizer``: an
+    optimizer over the trainable parameters, or a factory called with them; default: ``config.optim``.
+    ``callbacks`` are called as ``callback(trainer, record)`` after every step.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any = None,
+        train_data: Any = None,
+        eval_data: Any = None,
+        config: TrainConfig | dict[str, Any] | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | OptimizerFactory | None = None,
+        callbacks: Sequence[Callback] = (),
+    ) -> None:
+        self.config = config if isinstance(config, TrainConfig) else build_config(overrides=config)
+        cfg = self.config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("the model has no trainable parameters; call kbit.add_lora(model) first")
+        if train_data is None:
+            raise ValueError("train_data is required")
+        self.train_examples = self._examples(train_data, pack=cfg.packing)
+        self.eval_examples = self._examples(eval_data, pack=False) if eval_data is not None else None
+        self.pad_token_id = _pad_token_id(tokenizer)
+
+        self.use_bf16 = resolve_bf16(cfg, self.device)
+        self.mask_dtype = torch.bfloat16 if self.use_bf16 else getattr(model, "dtype", torch.float32)
+        self.gradient_checkpointing = (
+            cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else self.device.type == "cuda"
+        )
+        if self.gradient_checkpointing:
+            _enable_checkpointing(model)
+        forward_args = inspect.signature(model.forward).parameters
+        self.keep_logits = "logits_to_keep" in forward_args
+        self.no_cache = {"use_cache": False} if "use_cache" in forward_args else {}
+
+        # The data schedule: micro-batch m is batch m % per_epoch of epoch m // per_epoch.
+        self.batch_size = cfg.per_device_train_batch_size
+        self.accum = cfg.gradient_accumulation_steps
+        self.batches_per_epoch = math.ceil(len(self.train_examples) / self.batch_size)
+        self.total_steps = (
+            cfg.max_steps
+            if cfg.max_steps > 0
+            else max(1, math.ceil(cfg.num_train_epochs * self.batches_per_epoch / self.accum))
+        )
+        self._orders: dict[int, list[int]] = {}
+
+        if optimizer is None:
+            self.optimizer = build_optimizer(self.params, cfg)
+        elif isinstance(optimizer, torch.optim.Optimizer):
+            self.optimizer = optimizer
+        else:
+            self.optimizer = optimizer(self.params)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        self.callbacks = list(callbacks)
+        self.output_dir = default_output_dir(cfg)
+        self.step = 0
+        self.stop_reason: str | None = None
+        self.last_checkpoint: Path | None = None
+        self.metrics: MetricsLogger | None = None
+        self._rng_before_step: dict[str, Any] | None = None
+
+    # ---- data ----------------------------------------------------------------------------------------------
+
+    def _examples(self, data: Any, pack: bool) -> list[Example]:
+        if isinstance(data, TokenizedData):
+            return data.examples
+        if isinstance(data, list) and data and all(isinstance(e, Example) for e in data):
+            return data
+        if self.tokenizer is None:
+            raise ValueError("pass a tokenizer to tokenize raw records, or give kbit.data.TokenizedData")
+        from ..data import load_dataset, pack_examples, tokenize_records
+
+        records = load_dataset(data, self.config.format)
+        tokenized = tokenize_records(
+            records, self.tokenizer, self.config.max_seq_len, train_on_prompt=self.config.train_on_prompt
+        )
+        return pack_examples(tokenized.examples, self.config.max_seq_len) if pack else tokenized.examples
+
+    def _order(self, epoch: int) -> list[int]:
+        """The example order of ``epoch``: a permutation seeded by (seed, epoch), alike on every machine."""
+        if epoch not in self._orders:
+            order = list(range(len(self.train_examples)))
+            random.Random(f"kbit-train:{self.config.seed}:{epoch}").shuffle(order)
+            self._orders = {epoch: order}  # one epoch at a time is all the loop needs
+        return self._orders[epoch]
+
+    def micro_batch(self, m: int) -> Batch:
+        """Micro-batch number ``m`` of the run (epochs follow one another)."""
+        epoch, position = divmod(m, self.batches_per_epoch)
+        indices = self._order(epoch)[position * self.batch_size : (position + 1) * self.batch_size]
+        return collate([self.train_examples[i] for i in indices], self.pad_token_id)
+
+    def data_position(self, step: int) -> dict[str, Any]:
+        """Where the data stands after ``step`` optimizer steps (saved in checkpoints, checked on resume)."""
+        epoch, position = divmod(step * self.accum, self.batches_per_epoch)
+        return {
+            "epoch": epoch,
+            "micro_batch_in_epoch": position,
+            "num_examples": len(self.train_examples),
+            "num_tokens": sum(len(e.input_ids) for e in self.train_examples),
+            "per_device_train_batch_size": self.batch_size,
+            "gradient_accumulation_steps": self.accum,
+            "seed": self.config.seed,
+        }
+
+    # ---- loss ----------------------------------------------------------------------------------------------
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+    def loss_sum(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        """(summed cross-entropy of the target tokens of ``batch``, their count); the model gets no labels."""
+        batch = batch.to(self.device)
+        inputs = batch.model_inputs(self.mask_dtype)
+        del inputs["labels"]
+        targets = batch.labels[:, 1:]  # (B, T-1): the logits at position t predict token t+1
+        with self.autocast():
+            if self.keep_logits:
+                keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (K,) positions with a target
+                logits = self.model(**inputs, **self.no_cache, logits_to_keep=keep).logits  # (B, K, V)
+                targets = targets[:, keep]
+            else:
+                logits = self.model(**inputs, **self.no_cache).logits[:, :-1]  # (B, T-1, V)
+        loss = F.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        return loss, int((targets != IGNORE_INDEX).sum())
+
+    def accumulate(self, micro_batches: list[Batch]) -> torch.Tensor:
+        """Forward and backward over one step's micro-batches; returns the step's mean loss per target token.
+
+        Each micro-batch's summed loss is divided by the target-token count of the whole window, so the
+        accumulated gradient is that of the window's mean token loss.
+        """
+        n_targets = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+        if n_targets == 0:
+            raise ValueError(f"step {self.step + 1}: its micro-batches hold no target token; check the labels")
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            loss_sum, _ = self.loss_sum(batch)
+            loss = loss_sum / n_targets
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean cross-entropy per target token over the eval data (None without eval data)."""
+        if not self.eval_examples:
+            return None
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # evaluation must not move the training RNG streams
+            size = self.config.per_device_eval_batch_size
+            for start in range(0, len(self.eval_examples), size):
+                batch = collate(self.eval_examples[start : start + size], self.pad_token_id)
+                loss_sum, n = self.loss_sum(batch)
+                total, count = total + loss_sum.item(), count + n
+        self.model.train(was_training)
+        return total / max(count, 1)
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        """Run (or resume) training to ``total_steps``; returns early, with a checkpoint, when stopped."""
+        cfg = self.config
+        resumed_from = self._resume_point()
+        ckpt.remove_partial(self.output_dir)
+        if resumed_from is not None:
+            self.load_checkpoint(resumed_from)
+        self.metrics = MetricsLogger(
+            self.output_dir, cfg.report_to, resume_step=self.step if resumed_from is not None else None
+        )
+        self._print_header(resumed_from)
+        result = TrainResult(step=self.step, output_dir=self.output_dir)
+        if cfg.eval_on_start and self.step == 0 and self.eval_examples:
+            result.eval_loss = self._log_eval()
+
+        self.model.train()
+        progress = Progress(self.total_steps, initial=self.step)
+        window: list[tuple[float, int, float]] = []  # (loss, tokens, seconds) since the last log line
+        try:
+            with _stop_on_signals(self):
+                while self.step < self.total_steps and self.stop_reason is None:
+                    self._rng_before_step = ckpt.rng_state()
+                    t0 = time.perf_counter()
+                    first = self.step * self.accum
+                    micro = [self.micro_batch(m) for m in range(first, first + self.accum)]
+                    loss = self.accumulate(micro).item()
+                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
+                    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                        self._diverged(loss, grad_norm)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1
+                    seconds = time.perf_counter() - t0
+                    tokens = sum(int(b.attention_mask.sum()) for b in micro)
+                    result.losses.append(loss)
+                    window.append((loss, tokens, seconds))
+                    record = {
+                        "step": self.step,
+                        "loss": loss,
+                        "learning_rate": lr,
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tokens / seconds,
+                        "memory_gib": memory_gib(self.device),
+                        "epoch": self.step * self.accum / self.batches_per_epoch,
+                    }
+                    progress.update(self.step, loss, lr, record["tokens_per_s"], record["memory_gib"])
+                    if self.step % cfg.logging_steps == 0 or self.step in (1, self.total_steps):
+                        self._log_train(record, window, progress)
+                        window = []
+                    if cfg.eval_steps and self.step % cfg.eval_steps == 0 and self.step < self.total_steps:
+                        result.eval_loss = self._log_eval(progress)
+                    for callback in self.callbacks:
+                        callback(self, record)
+                    if cfg.save_steps and self.step % cfg.save_steps == 0 and self.step < self.total_steps:
+                        self.save_checkpoint()
+                if self.stop_reason is None and self.eval_examples:
+                    result.eval_loss = self._log_eval(progress)
+                if self.last_checkpoint is None or self.last_checkpoint.name != f"checkpoint-{self.step}":
+                    self.save_checkpoint()
+                result.checkpoint = self.last_checkpoint
+                self.metrics.plot()
+        finally:
+            progress.close()
+            self.metrics.close()
+        result.step, result.stopped_by = self.step, self.stop_reason
+        if self.stop_reason is not None:
+            print(
+                f"stopped by {self.stop_reason} after step {self.step}; saved {result.checkpoint}; "
+                "continue with --resume (resume=True)",
+                flush=True,
+            )
+        return result
+
+    def request_stop(self, reason: str = "request") -> None:
+        """Finish the current step, save a checkpoint and return from train()."""
+        self.stop_reason = self.stop_reason or reason
+
+    def _log_train(self, record: dict[str, Any], window: list[tuple[float, int, float]], progress) -> None:
+        # The logged loss and speed are averages over the steps since the last log line.
+        record = dict(record)
+        record["loss"] = sum(w[0] for w in window) / len(window)
+        record["tokens_per_s"] = sum(w[1] for w in window) / sum(w[2] for w in window)
+        self.metrics.log(record)
+        width = len(str(self.total_steps))
+        progress.write(
+            f"step {self.step:>{width}}/{self.total_steps} | loss {record['loss']:.4f} | "
+            f"lr {record['learning_rate']:.2e} | grad norm {record['grad_norm']:.3f} | "
+            f"{record['tokens_per_s']:,.0f} tok/s | mem {record['memory_gib']:.2f} GiB"
+        )
+
+    def _log_eval(self, progress: Progress | None = None) -> float | None:
+        t0 = time.perf_counter()
+        loss = self.evaluate()
+        if loss is not None:
+            self.metrics.log({"step": self.step, "eval_loss": loss})
+            line = f"step {self.step}: eval loss {loss:.4f} ({time.perf_counter() - t0:.1f} s)"
+            if progress is not None:
+                progress.write(line)
+            else:
+                print(line, flush=True)
+        return loss
+
+    def _print_header(self, resumed_from: Path | None) -> None:
+        cfg = self.config
+        trainable = sum(p.numel() for p in self.params)
+        lines = [
+            f"training {trainable:,d} parameters on {len(self.train_examples)} sequences "
+            f"({self.batches_per_epoch} micro-batches of {self.batch_size} per epoch), "
+            f"{self.total_steps} steps of {self.accum} micro-batch(es)",
+            f"device {self.device}, {'bf16 autocast' if self.use_bf16 else 'no autocast'}, gradient "
+            f"checkpointing {'on' if self.gradient_checkpointing else 'off'}, optimizer "
+            f"{type(self.optimizer).__name__}, lr {cfg.learning_rate:g} ({cfg.lr_scheduler_type}, warmup "
+            f"{warmup_steps(cfg, self.total_steps)} steps)",
+            f"output: {self.output_dir} (metrics.jsonl, loss_curve.png, checkpoints); {self.metrics.tensorboard_note}",
+        ]
+        if resumed_from is not None:
+            lines.append(f"resumed from {resumed_from} at step {self.step}")
+        print("\n".join(lines), flush=True)
+
+    def _diverged(self, loss: float, grad_norm: float) -> None:
+        """Save the state from before this step, then raise TrainingDiverged."""
+        self.optimizer.zero_grad(set_to_none=True)
+        path = self.save_checkpoint(rng=self._rng_before_step)
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+        raise TrainingDiverged(
+            f"{what} at step {self.step + 1}: stopped before updating the weights, the last good state is in "
+            f"{path}. Lower learning_rate (now {self.config.learning_rate:g}), check the data of this step, "
+            f"keep max_grad_norm > 0, or train in bf16 rather than fp16; then resume from it"
+        )
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, rng: dict[str, Any] | None = None) -> Path:
+        """Write ``checkpoint-<step>`` (atomic), plot the losses, and rotate old checkpoints."""
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng or ckpt.rng_state(),
+            "data": self.data_position(self.step),
+        }
+        info = {
+            "step": self.step,
+            "total_steps": self.total_steps,
+            **state["data"],
+            "config": self.config.to_dict(),
+        }
+        path = ckpt.save_checkpoint(
+            self.output_dir, self.step, self.model, state, info, keep=self.config.save_total_limit
+        )
+        self.last_checkpoint = path
+        if self.metrics is not None:
+            self.metrics.plot()
+        return path
+
+    def _resume_point(self) -> Path | None:
+        resume = self.config.resume
+        if resume is False:
+            existing = ckpt.latest_checkpoint(self.output_dir)
+            if existing is not None:
+                raise ConfigError(
+                    f"output_dir {self.output_dir} already holds {existing.name}; pass --resume to "
+                    "continue that run, or choose another output_dir / run_name"
+                )
+            return None
+        if resume is True:
+            path = ckpt.latest_checkpoint(self.output_dir)
+            if path is None:
+                raise ConfigError(f"resume: no complete checkpoint in {self.output_dir} to resume from")
+            return path
+        return Path(resume)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore adapter, optimizer, scheduler, step and RNG states from a complete checkpoint."""
+        path = Path(path)
+        state = ckpt.load_state(path)
+        saved, now = state["data"], self.data_position(state["step"])
+        changed = [k for k in saved if k not in ("epoch", "micro_batch_in_epoch") and saved[k] != now.get(k)]
+        if changed:
+            details = ", ".join(f"{k} {saved[k]} -> {now.get(k)}" for k in changed)
+            raise ConfigError(
+                f"resume: the data or batching changed since {path.name} ({details}); "
+                "an exact resume needs the same data, batch sizes and seed"
+            )
+        ckpt.load_weights(self.model, path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        # The schedule follows today's config (a lower learning_rate after a divergence takes effect).
+        self.scheduler.base_lrs = [self.config.learning_rate for _ in self.optimizer.param_groups]
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.learning_rate * lr_factor(
+                state["step"],
+                self.total_steps,
+                warmup_steps(self.config, self.total_steps),
+                self.config.lr_scheduler_type,
+            )
+        ckpt.set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.last_checkpoint = path
+
+
+def _enable_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' activation checkpointing, non-reentrant: it needs no input that requires grad (under
+    LoRA the embeddings are frozen) and works with any number of outputs."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ConfigError(
+            f"gradient_checkpointing: {type(model).__name__} has no activation_checkpointing_enable(); "
+            "set gradient_checkpointing false"
+        )
+
+
+def _pad_token_id(tokenizer: Any) -> int:
+    if tokenizer is None:
+        return 0
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return value
+    return 0
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """SIGINT/SIGTERM ask the trainer to stop after the current step; a second Ctrl-C aborts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if trainer.stop_reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.request_stop(name)
+        print(
+            f"\n{name}: finishing step {trainer.step + 1}, then saving a checkpoint "
+            "(Ctrl-C again aborts without saving)",
+            flush=True,
+        )
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
