@@ -157,9 +157,10 @@ def dequantize_4bit_ref(
     """Reference 4-bit dequantizer from flat bytes and float32 block scales."""
     n, bs = state.shape.numel(), state.blocksize
     table = state.code.to(raw.device, torch.float32)
-    # one gather through a 256-entry byte -> (high, low) value table instead of unpacking nibbles separately
-    pairs = torch.stack([table.repeat_interleave(16), table.repeat(16)], dim=1)
-    vals = pairs[raw.long()].reshape(-1)
+    # One gather through a 256-entry byte -> (high, low) table. Each pair of float32 values travels as one int64
+    # (a 1-D gather of 8-byte words is several times faster on CPU than gathering 2-float rows).
+    pairs = torch.stack([table.repeat_interleave(16), table.repeat(16)], dim=1).contiguous().view(torch.int64)
+    vals = pairs.view(-1).index_select(0, raw.to(torch.int32)).view(torch.float32)
     nb = absmax.numel()
     if vals.numel() < nb * bs:
         vals = torch.nn.functional.pad(vals, (0, nb * bs - vals.numel()))

@@ -94,7 +94,9 @@ def dequantize_blockwise_ref(
 ) -> torch.Tensor:
     """Reference 8-bit blockwise dequantizer."""
     flat = q.reshape(-1)
-    n = flat.numel()
-    vals = code.float()[flat.long()]
-    idx = torch.arange(n, device=q.device) // blocksize
-    return (vals * absmax.float()[idx]).to(out_dtype).reshape(q.shape)
+    n, nb = flat.numel(), absmax.numel()
+    vals = code.float().index_select(0, flat.to(torch.int32))
+    if n < nb * blocksize:
+        vals = torch.nn.functional.pad(vals, (0, nb * blocksize - n))
+    out = vals.view(nb, blocksize) * absmax.float()[:, None]
+    return out.reshape(-1)[:n].to(out_dtype).reshape(q.shape)
