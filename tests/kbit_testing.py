@@ -1,26 +1,27 @@
 """Helpers shared by tests in several folders (a module of its own: every folder's conftest is named conftest)."""
 
+import shutil
+
 import torch
 
+TINY_LLAMA = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=256,
+)  # fmt: skip
 
-def save_tiny_llama(folder, tokenizer_dir=None, seed: int = 0, **overrides):
-    """Save a tiny random LlamaForCausalLM (fp32) to ``folder``, with the tokenizer in ``tokenizer_dir`` if given."""
-    import shutil
 
+def tiny_llama(seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random fp32 LlamaForCausalLM small enough for CPU tests (hidden 64, 2 layers, vocab 256), in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    kw = dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=49152 if tokenizer_dir else 256,
-        tie_word_embeddings=True,
-    )
-    kw.update(overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kw))
+    return LlamaForCausalLM(LlamaConfig(**(TINY_LLAMA | overrides))).eval()
+
+
+def save_tiny_llama(folder, tokenizer_dir=None, seed: int = 0, **overrides) -> torch.nn.Module:
+    """Save :func:`tiny_llama` (tied embeddings) to ``folder``, with the tokenizer in ``tokenizer_dir`` if given."""
+    kw = dict(vocab_size=49152 if tokenizer_dir else 256, tie_word_embeddings=True) | overrides
+    model = tiny_llama(seed, **kw)
     model.save_pretrained(folder)
     if tokenizer_dir:
         for f in tokenizer_dir.iterdir():

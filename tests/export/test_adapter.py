@@ -20,6 +20,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
+from kbit_testing import tiny_llama  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from kbit.export import load_adapter, save_adapter  # noqa: E402
@@ -35,21 +36,6 @@ CONFIGS = {
     "list": dict(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
     "modules_to_save": dict(r=8, alpha=16, modules_to_save=["lm_head"]),
 }
-
-
-def tiny_llama(seed: int = 0, **overrides) -> nn.Module:
-    """A random fp32 LlamaForCausalLM small enough for CPU tests (hidden 64, 2 layers, vocab 256)."""
-    torch.manual_seed(seed)
-    config = dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=256,
-    )
-    config.update(overrides)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
 
 
 def perturb(tensors: list[torch.Tensor], seed: int = 1) -> None:

@@ -18,6 +18,8 @@ from torch import nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from kbit_testing import tiny_llama  # noqa: E402
+
 from kbit.lora import (  # noqa: E402
     LoRALinear,
     add_lora,
@@ -28,21 +30,6 @@ from kbit.lora import (  # noqa: E402
 
 ATOL = 1e-5
 PROJECTIONS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
-
-
-def tiny_llama(seed: int = 0, **overrides) -> nn.Module:
-    """A random fp32 LlamaForCausalLM small enough for CPU tests (hidden 64, 2 layers, vocab 256)."""
-    torch.manual_seed(seed)
-    config = dict(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=256,
-    )
-    config.update(overrides)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).eval()
 
 
 def randomize(model: nn.Module, seed: int = 1) -> None:

@@ -25,7 +25,17 @@ import torch
 from ..kernels.dispatch import use_triton
 from ..quant.blockwise8 import dequantize_blockwise, quantize_blockwise
 from ..quant.codebooks import dynamic_map, lut_8bit
-from .flat import BLOCK, Chunk, FlatStates, blocks_of, build_layout, param_table, scalar_row, to_device
+from .flat import (
+    BLOCK,
+    Chunk,
+    FlatStates,
+    blocks_of,
+    build_layout,
+    param_table,
+    scalar_row,
+    standalone_state_dict,
+    to_device,
+)
 
 MIN_8BIT_SIZE = 4096
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -326,13 +336,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """torch's optimizer state dict, every state tensor a standalone copy (not a view of flat buffers)."""
-        for b in self._buckets.values():
-            b.synchronize()
-        sd = super().state_dict()
-        sd["state"] = {
-            k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()} for k, s in sd["state"].items()
-        }
-        return sd
+        return standalone_state_dict(self, self._buckets)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of :meth:`state_dict` (or bitsandbytes' AdamW8bit) without casting any state."""

@@ -160,3 +160,14 @@ def scalar_row(
         step_neg = -lr / c1
     decay = 1.0 - lr * weight_decay if weight_decay != 0 else 1.0
     return [b1, 1.0 - b1, b2, 1.0 - b2, c2, eps, decay, step_neg]
+
+
+def standalone_state_dict(optimizer: torch.optim.Optimizer, buckets: dict) -> dict:
+    """``optimizer``'s torch state dict after its flat buckets have synced, every state tensor a standalone copy."""
+    for b in buckets.values():
+        b.synchronize()
+    sd = torch.optim.Optimizer.state_dict(optimizer)
+    sd["state"] = {
+        k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()} for k, s in sd["state"].items()
+    }
+    return sd

@@ -23,7 +23,7 @@ import torch
 
 from ..kernels.dispatch import use_triton
 from .adamw8bit import AdamW8bit, check_hyperparameters, fused_step, params_with_grad, rebuild_buckets
-from .flat import BLOCK, Chunk, FlatStates, blocks_of, build_layout
+from .flat import BLOCK, Chunk, FlatStates, blocks_of, build_layout, standalone_state_dict
 
 CHUNKS = 32  # two staging sets hold 2/32 = 6.25% of the state
 MIN_CHUNK_BLOCKS = 1024  # 256 Ki elements: smaller copies would be dominated by their fixed cost
@@ -164,13 +164,7 @@ class PagedAdamW(torch.optim.AdamW):
 
     def state_dict(self) -> dict:
         """torch's AdamW state dict, every state tensor a standalone copy."""
-        for b in self._buckets.values():
-            b.synchronize()
-        sd = super().state_dict()
-        sd["state"] = {
-            k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()} for k, s in sd["state"].items()
-        }
-        return sd
+        return standalone_state_dict(self, self._buckets)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's AdamW loader; the flat buffers are rebuilt from the loaded state at the next step."""
