@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import synthetic_examples, train_config
+from train_testing import synthetic_examples, train_config
 
 from kbit.export.adapter import load_adapter
 from kbit.train import Trainer, latest_checkpoint, list_checkpoints

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import synthetic_examples, train_config
+from train_testing import synthetic_examples, train_config
 
 from kbit.data import collate
 from kbit.train import Trainer

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-from conftest import synthetic_examples, train_config
+import pytest
+from train_testing import synthetic_examples, train_config
 
 from kbit.train import Trainer
 from kbit.train.metrics import MetricsLogger
@@ -50,35 +51,17 @@ def test_plot_and_tensorboard_note(tmp_path):
     assert "TensorBoard" in log.tensorboard_note
 
 
-def test_tensorboard_when_installed(tmp_path, monkeypatch):
-    """With tensorboard importable, every numeric metric also goes to a SummaryWriter (a fake one here)."""
-    import sys
-    import types
+def test_tensorboard_event_files(tmp_path):
+    """Every numeric metric also goes to TensorBoard: read the event files back with TensorBoard's own reader."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    calls = []
-
-    class FakeWriter:
-        def __init__(self, logdir):
-            calls.append(("init", logdir))
-
-        def add_scalar(self, tag, value, step):
-            calls.append((tag, value, step))
-
-        def flush(self):
-            pass
-
-        def close(self):
-            calls.append(("close",))
-
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
     log = MetricsLogger(tmp_path, report_to="tensorboard")
     log.log({"step": 1, "loss": 2.5, "learning_rate": 1e-4})
-    log.log({"step": 1, "eval_loss": 2.0})
+    log.log({"step": 2, "loss": 2.0, "learning_rate": 1e-4})
+    log.log({"step": 2, "eval_loss": 1.75})
     log.close()
-    assert calls == [
-        ("init", str(tmp_path / "tensorboard")),
-        ("train/loss", 2.5, 1),
-        ("train/learning_rate", 1e-4, 1),
-        ("eval/loss", 2.0, 1),
-        ("close",),
-    ]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 2.5), (2, 2.0)]
+    assert [(e.step, e.value) for e in events.Scalars("eval/loss")] == [(2, 1.75)]

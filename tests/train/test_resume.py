@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import synthetic_examples, train_config
+from train_testing import synthetic_examples, train_config
 
 from kbit.train import Trainer, latest_checkpoint
 

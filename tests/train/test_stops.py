@@ -7,7 +7,7 @@ import signal
 
 import pytest
 import torch
-from conftest import synthetic_examples, train_config
+from train_testing import synthetic_examples, train_config
 
 from kbit.train import Trainer, TrainingDiverged, latest_checkpoint
 from kbit.train import checkpoint as ckpt
