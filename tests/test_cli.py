@@ -112,38 +112,11 @@ def test_quantize_and_merge_commands(tiny, capsys):
     root, _, _ = tiny
     assert main(["quantize", "--model", str(root / "base"), "--out", str(root / "q4"), "--device", "cpu"]) == 0
     assert json.loads((root / "q4" / "config.json").read_text())["quantization_config"]["load_in_4bit"]
-    assert (
-        main(
-            [
-                "merge",
-                "--model",
-                str(root / "base"),
-                "--adapter",
-                str(root / "adapter"),
-                "--out",
-                str(root / "merged"),
-                "--device",
-                "cpu",
-            ]
-        )
-        == 0
-    )
+    merge = ["merge", "--model", str(root / "base"), "--adapter", str(root / "adapter"), "--out", str(root / "merged")]
+    assert main([*merge, "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "bf16 merge: KL" in out and (root / "merged" / "model.safetensors").is_file()
-    assert (
-        main(
-            [
-                "merge",
-                "--model",
-                str(root / "base"),
-                "--adapter",
-                str(root / "adapter"),
-                "--out",
-                str(root / "merged"),
-            ]
-        )
-        == 2
-    )
+    assert main(merge) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
 
 

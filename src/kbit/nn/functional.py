@@ -13,6 +13,7 @@ corrupt it (bitsandbytes#1945).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -65,3 +66,12 @@ def apply_keeping_dtype(
         return t.to(probe.device)  # a dtype conversion: move the bytes only, keep their dtype
 
     return guarded
+
+
+def linear_bias(in_features: int, out_features: int, device: torch.device) -> torch.nn.Parameter:
+    """A bias initialised as ``nn.Linear`` does (uniform within 1/sqrt(in_features)); left empty on ``meta``."""
+    bias = torch.nn.Parameter(torch.empty(out_features, device=device))
+    if device.type != "meta":
+        bound = 1 / math.sqrt(in_features) if in_features else 0.0
+        torch.nn.init.uniform_(bias, -bound, bound)
+    return bias

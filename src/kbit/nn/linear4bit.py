@@ -31,7 +31,7 @@ from ..quant.blockwise4 import NESTED_BLOCKSIZE, check_blocksize
 from ..quant.codebooks import QUANT_TYPES_4BIT, check_quant_type
 from ..quant.state import QuantState, dtype_name, unpack_json
 from ..quant.validate import STORAGE_DTYPES, check_out_dtype, check_storage
-from .functional import apply_keeping_dtype, dequant_linear
+from .functional import apply_keeping_dtype, dequant_linear, linear_bias
 
 _STATS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset")
 _JSON_PREFIX = "quant_state.bitsandbytes__"
@@ -70,12 +70,7 @@ class Linear4bit(nn.Module):
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # nn.Linear's initialisation
             packed, state = quantize_4bit(w.to(compute_dtype), *options, quant_storage)
         self._set_quantized(packed, state)
-        self.register_parameter("bias", None)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(self.out_features, device=dev))
-            if dev.type != "meta":
-                bound = 1 / math.sqrt(self.in_features) if self.in_features else 0.0
-                nn.init.uniform_(self.bias, -bound, bound)
+        self.register_parameter("bias", linear_bias(self.in_features, self.out_features, dev) if bias else None)
 
     # ---- construction from existing weights ----
 

@@ -22,7 +22,7 @@ from torch import nn
 from ..quant import dequantize_int8_rowwise, quantize_int8_rowwise
 from ..quant.state import dtype_name
 from ..quant.validate import check_out_dtype
-from .functional import apply_keeping_dtype, dequant_linear
+from .functional import apply_keeping_dtype, dequant_linear, linear_bias
 
 _ROW_FORMAT = 0  # bitsandbytes' code for its only remaining layout, "row"
 
@@ -52,12 +52,7 @@ class Linear8bit(nn.Module):
             cb, scb = quantize_int8_rowwise(w)
         self.weight = nn.Parameter(cb, requires_grad=False)
         self.register_buffer("SCB", scb)  # persistent: bitsandbytes saves it as `<prefix>SCB`
-        self.register_parameter("bias", None)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(self.out_features, device=dev))
-            if dev.type != "meta":
-                bound = 1 / math.sqrt(self.in_features) if self.in_features else 0.0
-                nn.init.uniform_(self.bias, -bound, bound)
+        self.register_parameter("bias", linear_bias(self.in_features, self.out_features, dev) if bias else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16) -> Linear8bit:
