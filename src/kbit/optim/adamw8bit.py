@@ -34,6 +34,7 @@ from .flat import (
     param_table,
     scalar_row,
     standalone_state_dict,
+    synchronize,
     to_device,
 )
 
@@ -340,8 +341,7 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of :meth:`state_dict` (or bitsandbytes' AdamW8bit) without casting any state."""
-        for b in self._buckets.values():
-            b.synchronize()
+        synchronize(self._buckets)
         self._buckets = {}
         saved = state_dict["state"]
         # torch's loader would cast uint8 codes and fp32 absmax to the parameter dtype: load groups only.

@@ -162,10 +162,15 @@ def scalar_row(
     return [b1, 1.0 - b1, b2, 1.0 - b2, c2, eps, decay, step_neg]
 
 
-def standalone_state_dict(optimizer: torch.optim.Optimizer, buckets: dict) -> dict:
-    """``optimizer``'s torch state dict after its flat buckets have synced, every state tensor a standalone copy."""
+def synchronize(buckets: dict) -> None:
+    """Wait until every flat bucket's pending copies and updates have finished."""
     for b in buckets.values():
         b.synchronize()
+
+
+def standalone_state_dict(optimizer: torch.optim.Optimizer, buckets: dict) -> dict:
+    """``optimizer``'s torch state dict after its flat buckets have synced, every state tensor a standalone copy."""
+    synchronize(buckets)
     sd = torch.optim.Optimizer.state_dict(optimizer)
     sd["state"] = {
         k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in s.items()} for k, s in sd["state"].items()

@@ -23,7 +23,7 @@ import torch
 
 from ..kernels.dispatch import use_triton
 from .adamw8bit import AdamW8bit, check_hyperparameters, fused_step, params_with_grad, rebuild_buckets
-from .flat import BLOCK, Chunk, FlatStates, blocks_of, build_layout, standalone_state_dict
+from .flat import BLOCK, Chunk, FlatStates, blocks_of, build_layout, standalone_state_dict, synchronize
 
 CHUNKS = 32  # two staging sets hold 2/32 = 6.25% of the state
 MIN_CHUNK_BLOCKS = 1024  # 256 Ki elements: smaller copies would be dominated by their fixed cost
@@ -168,7 +168,6 @@ class PagedAdamW(torch.optim.AdamW):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's AdamW loader; the flat buffers are rebuilt from the loaded state at the next step."""
-        for b in self._buckets.values():
-            b.synchronize()
+        synchronize(self._buckets)
         self._buckets = {}
         super().load_state_dict(state_dict)
