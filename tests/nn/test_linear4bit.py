@@ -131,10 +131,12 @@ def test_kbit_state_dict_loads_into_bnb(qtype, dq, storage):
 
 
 def test_bnb_checkpoint_through_safetensors(tmp_path):
-    w, b = _weights(64, 96, seed=4, dtype=torch.float16)
+    # Rows of whole blocks: bitsandbytes 0.50's native AVX-512 CPU dequantizer mis-scales blocks that straddle two rows
+    # (a 64x96 fp16 weight comes back with 58% error on such hosts), so it cannot be the oracle for those shapes.
+    w, b = _weights(64, 128, seed=4, dtype=torch.float16)
     sd = _bnb_layer(w, b, "nf4", True, torch.bfloat16).state_dict()
     save_file(sd, str(tmp_path / "bnb.safetensors"), metadata={"format": "pt"})
-    layer = Linear4bit(96, 64, compute_dtype=torch.float16, quant_storage=torch.bfloat16)
+    layer = Linear4bit(128, 64, compute_dtype=torch.float16, quant_storage=torch.bfloat16)
     layer.load_state_dict(load_file(str(tmp_path / "bnb.safetensors")))
     assert _equal(layer.dequantize(), bnbf.dequantize_4bit(sd["weight"], _bnb_state(sd)))
     assert all(_same(v, sd[k]) for k, v in layer.state_dict().items())

@@ -94,3 +94,20 @@ def test_bf16_autocast_on_cpu(make_model, tmp_path):
     result = trainer.train()
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert sum(result.losses[-3:]) < sum(result.losses[:3])
+
+
+def test_fast_path_gives_the_same_losses_and_gradients(make_model, tmp_path):
+    """fast_path: the fused kernels' reference path (chunked LM-head loss, no full logits) trains the same numbers."""
+    examples = synthetic_examples(4, seed=7, min_len=5, max_len=30)
+    batch = collate(examples, pad_token_id=0)
+    runs = []
+    for fast in (False, True):
+        model = make_model(bits=4)
+        trainer = Trainer(model, None, examples, None, train_config(tmp_path / str(fast), fast_path=fast))
+        assert trainer.fused_loss is fast and ("chunked LM-head cross-entropy" in trainer.fast_path_line) is fast
+        loss = trainer.accumulate([batch])
+        runs.append((loss, lora_grads(model)))
+    (slow, slow_grads), (fused, fused_grads) = runs
+    torch.testing.assert_close(fused, slow, rtol=1e-6, atol=1e-6)
+    for name in slow_grads:
+        torch.testing.assert_close(fused_grads[name], slow_grads[name], rtol=1e-4, atol=1e-6, msg=name)

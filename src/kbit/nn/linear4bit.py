@@ -14,6 +14,9 @@ Design:
   shapes only, for streaming loaders; loading into a meta layer materializes it (assign semantics).
 - ``load_state_dict`` adopts the checkpoint's quant type, blocksize and double quant (the state dict is
   the truth) and re-views its bytes as this layer's ``quant_storage`` (the same bytes in every dtype).
+- FSDP2 shards the packed weight like any parameter (on dim 0) and leaves the statistics, buffers, whole on
+  every rank; it gathers in one dtype, so the weight is re-viewed with :meth:`Linear4bit.set_quant_storage`
+  to the compute dtype (kbit.dist).
 """
 
 from __future__ import annotations
@@ -138,6 +141,20 @@ class Linear4bit(nn.Module):
             state.nested_code,
             state.offset,
         )
+
+    def set_quant_storage(self, quant_storage: torch.dtype) -> None:
+        """Re-view the packed bytes as ``quant_storage`` in place: the same bytes, never converted.
+
+        FSDP needs the packed weight in the dtype it gathers in (bf16), whatever storage a checkpoint used.
+        """
+        check_storage(quant_storage)
+        if quant_storage == self.quant_storage:
+            return
+        state = self.quant_state
+        # the bytes of the weight only: a wider storage's padding byte must not survive into a narrower one
+        packed = as_bytes(self._packed().detach())[: (state.shape.numel() + 1) // 2]
+        self.quant_storage = quant_storage
+        self._set_quantized(packed, state)
 
     # ---- the layer ----
 

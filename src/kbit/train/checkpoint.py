@@ -14,6 +14,10 @@ Everything is written into ``checkpoint-<step>.tmp-<pid>/`` with every file fsyn
 the folder is renamed (atomic on POSIX). A crash at any point leaves a ``.tmp-`` folder (removed by the next
 run), and resuming only ever considers ``checkpoint-<step>/`` folders that have the marker. Rotation
 unmarks a checkpoint before deleting it, so a half-deleted one never looks complete.
+
+In a distributed run (:mod:`kbit.dist`) rank 0 makes and renames the folder, every rank writes its own files
+into it between barriers (``sharded/`` with FSDP, ``rng-rank<r>.pt``), and the adapter is gathered from the
+shards and written by rank 0.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..dist import DistContext
+from ..dist.checkpoint import gather_trainable, save_adapter_gathered
 
 MARKER = "COMPLETE"
 STATE_NAME = "training_state.pt"
@@ -80,6 +88,12 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        _fsync(path)
+    _fsync(folder)
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
@@ -87,50 +101,69 @@ def save_checkpoint(
     state: dict[str, Any],
     info: dict[str, Any],
     keep: int = 0,
+    dist: DistContext | None = None,
+    write_rank_files: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically (module docstring) and keep the newest ``keep`` (0: all)."""
+    """Write ``checkpoint-<step>`` atomically (module docstring) and keep the newest ``keep`` (0: all).
+
+    With ``dist`` every rank must call it; ``write_rank_files(folder)`` runs on every rank.
+    """
+    ctx = dist or DistContext()
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f"checkpoint-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        _write_weights(model, tmp)
-        torch.save(state, tmp / STATE_NAME)
-        (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
-        for path in tmp.iterdir():
-            _fsync(path)
-        (tmp / MARKER).write_text(f"{step}\n")
-        _fsync(tmp / MARKER)
-        _fsync(tmp)
-        if final.exists():  # saved again at the same step (e.g. after a resume): swap, then drop the old one
-            old = output_dir / f"checkpoint-{step}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync(output_dir)
-    except BaseException:
+    tmp = output_dir / f"checkpoint-{step}.tmp-{ctx.broadcast_object(os.getpid())}"  # rank 0's pid names it
+    if ctx.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    ctx.barrier()
+    try:
+        _write_weights(model, tmp, ctx)
+        if write_rank_files is not None:
+            write_rank_files(tmp)
+        ctx.barrier()  # every rank's files are in tmp
+        if ctx.is_main:
+            _finish(tmp, final, output_dir, step, state, info)
+    except BaseException:
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    rotate(output_dir, keep)
+    if ctx.is_main:
+        rotate(output_dir, keep)
+    ctx.barrier()  # no rank goes on (or resumes) before the checkpoint exists
     return final
 
 
-def _write_weights(model: torch.nn.Module, folder: Path) -> None:
+def _finish(tmp: Path, final: Path, output_dir: Path, step: int, state: dict[str, Any], info: dict[str, Any]) -> None:
+    """Rank 0: the shared files, fsync, the marker, then the atomic rename."""
+    torch.save(state, tmp / STATE_NAME)
+    (tmp / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n")
+    _fsync_tree(tmp)
+    (tmp / MARKER).write_text(f"{step}\n")
+    _fsync(tmp / MARKER)
+    _fsync(tmp)
+    if final.exists():  # saved again at the same step (e.g. after a resume): swap, then drop the old one
+        old = output_dir / f"checkpoint-{step}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync(output_dir)
+
+
+def _write_weights(model: torch.nn.Module, folder: Path, ctx: DistContext) -> None:
+    """The adapter (PEFT format) or the trainable parameters, full tensors gathered from every rank."""
     from ..lora.inject import SETTINGS_ATTR
 
     if getattr(getattr(model, "_orig_mod", model), SETTINGS_ATTR, None) is not None:
-        from ..export.adapter import save_adapter
-
-        save_adapter(model, folder, overwrite=True)
+        save_adapter_gathered(model, folder, ctx)
         return
     from safetensors.torch import save_file
 
-    tensors = {n: p.detach().to("cpu").clone() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(tensors, str(folder / TRAINABLE_NAME), metadata={"format": "pt"})
+    tensors = gather_trainable(model)  # a collective under FSDP: every rank takes part
+    if ctx.is_main:
+        save_file(tensors, str(folder / TRAINABLE_NAME), metadata={"format": "pt"})
 
 
 def load_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:

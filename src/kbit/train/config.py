@@ -21,6 +21,7 @@ from typing import Any, Union
 SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 REPORT_TO = ("auto", "none", "tensorboard")
+STRATEGIES = ("auto", "fsdp", "ddp", "none")
 QUANT_TYPES = ("nf4", "fp4")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
@@ -121,12 +122,31 @@ class TrainConfig:
     gradient_checkpointing: bool | None = _key(
         None, "recompute activations in backward to save memory; auto: on for CUDA, off on CPU", "training"
     )
+    fast_path: bool | None = _key(
+        None,
+        "fused kernels (RMSNorm, SwiGLU, RoPE, LM head + cross-entropy in chunks) for Llama, Mistral, Qwen2/3, "
+        "Gemma2, Phi3; auto: on for CUDA, off on CPU (same values through the PyTorch reference, no speed-up)",
+        "training",
+    )
     seed: int = _key(42, "seed of the data order, LoRA initialisation and dropout", "training")
     resume: bool | str = _key(
         False,
         "true: continue from the newest complete checkpoint in output_dir "
         "(or the newest run); a path: from that checkpoint",
         "training",
+    )
+    # ---- several GPUs (torchrun) ----
+    strategy: str = _key(
+        "auto",
+        "under torchrun: fsdp (shard the 4-bit model per decoder layer), ddp (a whole model per rank, LoRA "
+        "gradients all-reduced), none (one process); auto: none in one process, else ddp when the model takes "
+        "under a third of a device's memory, else fsdp",
+        "distributed",
+    )
+    cpu_offload: bool = _key(
+        False,
+        "strategy fsdp on CUDA: keep parameter shards, gradients and optimizer state in host memory",
+        "distributed",
     )
     # ---- logging, evaluation, checkpoints ----
     logging_steps: int = _key(
@@ -219,6 +239,7 @@ class TrainConfig:
         need(self.adam_epsilon > 0, "adam_epsilon", "must be > 0")
         need(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
         need(self.seed >= 0, "seed", "must be >= 0")
+        one_of("strategy", STRATEGIES)
         need(self.logging_steps >= 1, "logging_steps", "must be at least 1")
         for key in ("eval_steps", "save_steps", "save_total_limit", "eval_accuracy_samples"):
             need(getattr(self, key) >= 0, key, "must be >= 0")
@@ -452,6 +473,7 @@ _GROUPS = {
     "lora": "LoRA",
     "data": "data",
     "training": "training",
+    "distributed": "several GPUs (launch with torchrun --nproc-per-node N -m kbit train ...)",
     "logging": "logging, evaluation and checkpoints",
 }
 

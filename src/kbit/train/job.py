@@ -3,6 +3,10 @@
 Data flows one way (load -> quantize -> adapt -> train -> save); the Trainer only sees the adapted model and
 tokenized examples. Eval loss and, when asked (``eval_accuracy_samples``), task accuracy and a sample answer
 are measured before and after training and written to ``summary.json`` beside the adapter.
+
+Under torchrun every rank runs this whole function: it opens the process group, streams its own copy of the
+4-bit model from the safetensors files onto its own device (packed in the compute dtype, so that FSDP can
+shard it), and the Trainer shards or wraps it; rank 0 alone prints and writes shared files.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ from typing import Any
 
 import torch
 
+from ..dist import DistContext, close_distributed, init_distributed, launched_by_torchrun, match_quant_storage
+from ..dist.checkpoint import save_adapter_gathered
+from ..dist.hostmem import peak_rss_gib, reset_peak_rss, rss_gib
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .loop import Trainer, default_output_dir
@@ -66,29 +73,54 @@ def prepare_records(config: TrainConfig) -> tuple[Any, Any]:
 
 
 def run_job(config: TrainConfig, job: str = "run") -> dict[str, Any]:
-    """Run ``config`` end to end and return the summary (also written to ``<output_dir>/summary.json``)."""
+    """Run ``config`` end to end and return the summary (also written to ``<output_dir>/summary.json``).
+
+    Under torchrun it opens the process group first (and closes it at the end); every rank must call it.
+    """
+    opened = launched_by_torchrun()
+    if opened:
+        try:
+            ctx = init_distributed(config.device)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        ctx = DistContext(device=resolve_device(config.device))
+    try:
+        return _run(config, job, ctx)
+    finally:
+        if opened:
+            close_distributed()
+
+
+def _run(config: TrainConfig, job: str, ctx: DistContext) -> dict[str, Any]:
     from ..data import pack_examples, tokenize_records
-    from ..export.adapter import save_adapter
     from ..lora import add_lora, trainable_parameters
     from ..models.load import load_model, load_tokenizer
     from .default_job import task_accuracy
     from .loop import resolve_bf16
 
     t_start = time.perf_counter()
-    output_dir = resolve_output_dir(config, job)
+    # Every rank must write to the same folder: rank 0's choice (a default name holds the time).
+    output_dir = Path(ctx.broadcast_object(str(resolve_output_dir(config, job))))
     config = dataclasses.replace(config, output_dir=str(output_dir))
-    device = resolve_device(config.device)
+    device = ctx.device
     bf16 = resolve_bf16(config, device)
-    print(
+    compute_dtype = torch.bfloat16 if bf16 else torch.float32
+    say = print if ctx.is_main else _quiet
+    shardable = ctx.distributed or config.strategy == "fsdp"  # FSDP gathers one dtype: pack 4-bit weights in it
+    where = f"{ctx.world_size} processes on {device.type}" if ctx.distributed else str(device)
+    say(
         f"kbit train ({job}): {config.model} in {config.bits}-bit"
         f"{' ' + config.quant_type.upper() if config.bits == 4 else ''}"
         f"{' + double quant' if config.bits == 4 and config.double_quant else ''}, LoRA r={config.lora_r} on "
-        f"{config.target_modules}, data {config.data}, {device}; output {output_dir}",
+        f"{config.target_modules}, data {config.data}, {where}; output {output_dir}",
         flush=True,
     )
 
     from transformers.utils import logging as hf_logging
 
+    reset_peak_rss()
+    rss_before = rss_gib()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # the GGUF reader's per-tensor bar is noise in a training log
     try:
@@ -98,12 +130,20 @@ def run_job(config: TrainConfig, job: str = "run") -> dict[str, Any]:
             bits=config.bits,
             quant_type=config.quant_type,
             double_quant=config.double_quant,
-            compute_dtype=torch.bfloat16 if bf16 else torch.float32,
+            compute_dtype=compute_dtype,
+            quant_storage=compute_dtype if shardable else torch.uint8,
             device=device,
         )
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    if shardable:
+        match_quant_storage(model, compute_dtype)  # pre-quantized checkpoints keep their storage: re-view it
+    if ctx.distributed:  # each rank streamed its own copy: none held the 16-bit model
+        mine = [peak_rss_gib(), peak_rss_gib() - rss_before]
+        both = ctx.all_reduce([v if r == ctx.rank else 0.0 for r in range(ctx.world_size) for v in mine]).tolist()
+        per_rank = ", ".join(f"rank {r} {both[2 * r]:.2f} GiB (+{both[2 * r + 1]:.2f})" for r in range(ctx.world_size))
+        say(f"peak host memory while loading (and above the pre-load baseline), per rank: {per_rank}", flush=True)
     torch.manual_seed(config.seed)  # the LoRA initialisation
     add_lora(
         model,
@@ -115,7 +155,7 @@ def run_job(config: TrainConfig, job: str = "run") -> dict[str, Any]:
     )
     trainable, total = trainable_parameters(model)
     t_loaded = time.perf_counter()
-    print(
+    say(
         f"loaded in {t_loaded - t_start:.0f} s; trainable params: {trainable:,d} || "
         f"all params: {total:,d} || trainable%: {100 * trainable / total:.4f}",
         flush=True,
@@ -123,14 +163,14 @@ def run_job(config: TrainConfig, job: str = "run") -> dict[str, Any]:
 
     train_records, eval_records = prepare_records(config)
     train = tokenize_records(train_records, tokenizer, config.max_seq_len, train_on_prompt=config.train_on_prompt)
-    print(f"train data: {train.summary()}", flush=True)
+    say(f"train data: {train.summary()}", flush=True)
     train_examples = pack_examples(train.examples, config.max_seq_len) if config.packing else train.examples
     evaluation = None
     if eval_records is not None:
         evaluation = tokenize_records(
             eval_records, tokenizer, config.max_seq_len, train_on_prompt=config.train_on_prompt
         )
-        print(f"eval data: {evaluation.summary()}", flush=True)
+        say(f"eval data: {evaluation.summary()}", flush=True)
     trainer = Trainer(model, tokenizer, train_examples, evaluation, config)
 
     n_acc = min(config.eval_accuracy_samples, len(eval_records)) if eval_records is not None else 0
@@ -146,7 +186,7 @@ def run_job(config: TrainConfig, job: str = "run") -> dict[str, Any]:
     if acc_records and config.resume is False:
         t0 = time.perf_counter()
         before = task_accuracy(model, tokenizer, acc_records, config.generation_max_new_tokens)
-        print(
+        say(
             f"before training: accuracy {before['correct']}/{before['n']} "
             f"({time.perf_counter() - t0:.0f} s); "
             f"sample {before['sample']['prompt']!r} -> {before['sample']['answer']!r}",
@@ -159,7 +199,8 @@ def run_job(config: TrainConfig, job: str = "run") -> dict[str, Any]:
     after = None
     if acc_records and result.stopped_by is None:
         after = task_accuracy(model, tokenizer, acc_records, config.generation_max_new_tokens)
-    adapter_dir = save_adapter(model, output_dir / "adapter", base_model_name_or_path=config.model, overwrite=True)
+    # gathered from the shards on every rank, written by rank 0 in PEFT's format
+    adapter_dir = save_adapter_gathered(model, output_dir / "adapter", ctx, base_model_name_or_path=config.model)
 
     evals = trainer.metrics.series("eval_loss")
     summary = {
@@ -184,11 +225,18 @@ def run_job(config: TrainConfig, job: str = "run") -> dict[str, Any]:
             "total": round(time.perf_counter() - t_start, 1),
         },
         "device": str(device),
+        "world_size": ctx.world_size,
+        "strategy": trainer.strategy,
         "config": config.to_dict(),
     }
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _print_summary(summary)
+    if ctx.is_main:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _print_summary(summary)
     return summary
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """print() of the ranks other than 0."""
 
 
 def _print_summary(s: dict[str, Any]) -> None:

@@ -16,6 +16,14 @@ under ``torch.random.fork_rng`` so it draws nothing from the training streams.
 Stops. SIGINT/SIGTERM (and :meth:`Trainer.request_stop`) finish the current step, save a checkpoint and
 return. A non-finite loss or gradient norm stops before the optimizer step, saves the state from before that
 step and raises :class:`TrainingDiverged` naming the step.
+
+Several processes (torchrun). ``config.strategy`` shards the model with FSDP2 or wraps it in DDP
+(:mod:`kbit.dist`). Micro-batch m of the run is then a *global* batch of ``per_device_train_batch_size x
+world_size`` examples of the same data order, of which rank r takes the r-th slice; each rank divides its summed
+loss by the global target count times ``1 / world_size``, so the gradient average the collectives compute is the
+gradient of the global mean token loss, equal to a one-process run with the whole batch. A rank whose slice of
+the epoch's last, short batch is empty runs an example without targets instead (every rank must take part in
+the collectives). Loss, tokens and the stop flag are all-reduced; rank 0 alone logs and writes shared files.
 """
 
 from __future__ import annotations
@@ -36,6 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data import IGNORE_INDEX, Batch, Example, TokenizedData, collate
+from ..dist import DistContext, apply_strategy, current_context, full_tensor, is_sharded, sync_gradients
+from ..dist import checkpoint as dist_ckpt
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, build_config
 from .metrics import MetricsLogger
@@ -102,9 +112,9 @@ class Trainer:
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
+        if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameters; call kbit.add_lora(model) first")
+        self.dist: DistContext = current_context(self.device)
         if train_data is None:
             raise ValueError("train_data is required")
         self.train_examples = self._examples(train_data, pack=cfg.packing)
@@ -118,14 +128,29 @@ class Trainer:
         )
         if self.gradient_checkpointing:
             _enable_checkpointing(model)
-        forward_args = inspect.signature(model.forward).parameters
+        forward_args = inspect.signature(model.forward).parameters  # read before the fast path re-binds forward
         self.keep_logits = "logits_to_keep" in forward_args
         self.no_cache = {"use_cache": False} if "use_cache" in forward_args else {}
+        self.fast_path_line = ""
+        self.fused_loss = False  # the model computes the summed loss from hidden states (no full logits)
+        if cfg.fast_path if cfg.fast_path is not None else self.device.type == "cuda":
+            from ..models.patch import apply_fast_path
 
-        # The data schedule: micro-batch m is batch m % per_epoch of epoch m // per_epoch.
+            self.fast_path_line = apply_fast_path(model)
+            self.fused_loss = "cross-entropy" in self.fast_path_line
+        # FSDP shards `model` in place (its parameters become DTensor shards); DDP returns a wrapper to call.
+        self.forward_model, self.strategy = apply_strategy(model, self.dist, cfg.strategy, cfg.cpu_offload)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if self.strategy == "fsdp" and cfg.optim != "adamw" and optimizer is None:
+            raise ConfigError(
+                f"optim: {cfg.optim} does not handle FSDP's sharded parameters yet; use optim adamw with "
+                "strategy fsdp (its state is sharded like the LoRA weights)"
+            )
+
+        # The data schedule: micro-batch m is global batch m % per_epoch of epoch m // per_epoch.
         self.batch_size = cfg.per_device_train_batch_size
         self.accum = cfg.gradient_accumulation_steps
-        self.batches_per_epoch = math.ceil(len(self.train_examples) / self.batch_size)
+        self.batches_per_epoch = math.ceil(len(self.train_examples) / (self.batch_size * self.dist.world_size))
         self.total_steps = (
             cfg.max_steps
             if cfg.max_steps > 0
@@ -141,7 +166,8 @@ class Trainer:
             self.optimizer = optimizer(self.params)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.callbacks = list(callbacks)
-        self.output_dir = default_output_dir(cfg)
+        # one folder for all ranks: rank 0's (a default name holds the time, which may differ by a second)
+        self.output_dir = Path(self.dist.broadcast_object(str(default_output_dir(cfg))))
         self.step = 0
         self.stop_reason: str | None = None
         self.last_checkpoint: Path | None = None
@@ -174,10 +200,19 @@ class Trainer:
         return self._orders[epoch]
 
     def micro_batch(self, m: int) -> Batch:
-        """Micro-batch number ``m`` of the run (epochs follow one another)."""
+        """This rank's part of micro-batch number ``m`` of the run (epochs follow one another)."""
         epoch, position = divmod(m, self.batches_per_epoch)
-        indices = self._order(epoch)[position * self.batch_size : (position + 1) * self.batch_size]
-        return collate([self.train_examples[i] for i in indices], self.pad_token_id)
+        size = self.batch_size * self.dist.world_size
+        indices = self._order(epoch)[position * size : (position + 1) * size]
+        return self._rank_slice([self.train_examples[i] for i in indices], self.batch_size)
+
+    def _rank_slice(self, examples: list[Example], size: int) -> Batch:
+        """This rank's ``size`` examples of a global batch; an example without targets when none is left."""
+        mine = examples[self.dist.rank * size : (self.dist.rank + 1) * size]
+        if not mine:  # the short last batch: run a forward that adds nothing, so the collectives stay in step
+            first = examples[0]
+            mine = [Example(first.input_ids, [IGNORE_INDEX] * len(first.labels), first.position_ids)]
+        return collate(mine, self.pad_token_id)
 
     def data_position(self, step: int) -> dict[str, Any]:
         """Where the data stands after ``step`` optimizer steps (saved in checkpoints, checked on resume)."""
@@ -190,6 +225,7 @@ class Trainer:
             "per_device_train_batch_size": self.batch_size,
             "gradient_accumulation_steps": self.accum,
             "seed": self.config.seed,
+            "world_size": self.dist.world_size,
         }
 
     # ---- loss ----------------------------------------------------------------------------------------------
@@ -203,13 +239,18 @@ class Trainer:
         inputs = batch.model_inputs(self.mask_dtype)
         del inputs["labels"]
         targets = batch.labels[:, 1:]  # (B, T-1): the logits at position t predict token t+1
+        n_targets = int((targets != IGNORE_INDEX).sum())
+        if self.fused_loss:  # num_items_in_batch=1: transformers' convention for "return the sum"
+            with self.autocast():
+                out = self.forward_model(**inputs, **self.no_cache, labels=batch.labels, num_items_in_batch=1)
+            return out.loss.float(), n_targets
         with self.autocast():
             if self.keep_logits:
                 keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(1)  # (K,) positions with a target
-                logits = self.model(**inputs, **self.no_cache, logits_to_keep=keep).logits  # (B, K, V)
+                logits = self.forward_model(**inputs, **self.no_cache, logits_to_keep=keep).logits  # (B, K, V)
                 targets = targets[:, keep]
             else:
-                logits = self.model(**inputs, **self.no_cache).logits[:, :-1]  # (B, T-1, V)
+                logits = self.forward_model(**inputs, **self.no_cache).logits[:, :-1]  # (B, T-1, V)
         loss = F.cross_entropy(
             logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
         )
@@ -218,18 +259,24 @@ class Trainer:
     def accumulate(self, micro_batches: list[Batch]) -> torch.Tensor:
         """Forward and backward over one step's micro-batches; returns the step's mean loss per target token.
 
-        Each micro-batch's summed loss is divided by the target-token count of the whole window, so the
-        accumulated gradient is that of the window's mean token loss.
+        Each micro-batch's summed loss is divided by the target-token count of the whole window (over all ranks),
+        so the accumulated gradient is that of the window's mean token loss. Gradients are synchronised across
+        ranks once, after the window's last micro-batch.
         """
-        n_targets = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+        local = sum(int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)
+        n_targets = int(self.dist.all_reduce([local])[0]) if self.dist.distributed else local
         if n_targets == 0:
             raise ValueError(f"step {self.step + 1}: its micro-batches hold no target token; check the labels")
         total = torch.zeros((), device=self.device)
-        for batch in micro_batches:
-            loss_sum, _ = self.loss_sum(batch)
-            loss = loss_sum / n_targets
-            loss.backward()
+        for i, batch in enumerate(micro_batches):
+            with sync_gradients(self.forward_model, sync=i == len(micro_batches) - 1):
+                loss_sum, _ = self.loss_sum(batch)
+                loss = loss_sum / n_targets
+                # x world_size: the collectives average the ranks' gradients, the global loss is their sum
+                (loss * self.dist.world_size).backward()
             total += loss.detach()
+        if self.dist.distributed:
+            total = self.dist.all_reduce(total.reshape(1))[0].to(total.dtype)
         return total
 
     @torch.no_grad()
@@ -243,10 +290,13 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # evaluation must not move the training RNG streams
             size = self.config.per_device_eval_batch_size
-            for start in range(0, len(self.eval_examples), size):
-                batch = collate(self.eval_examples[start : start + size], self.pad_token_id)
+            step = size * self.dist.world_size  # a global batch per step; this rank evaluates its slice
+            for start in range(0, len(self.eval_examples), step):
+                batch = self._rank_slice(self.eval_examples[start : start + step], size)
                 loss_sum, n = self.loss_sum(batch)
                 total, count = total + loss_sum.item(), count + n
+        if self.dist.distributed:
+            total, count = self.dist.all_reduce([total, count]).tolist()
         self.model.train(was_training)
         return total / max(count, 1)
 
@@ -256,19 +306,23 @@ class Trainer:
         """Run (or resume) training to ``total_steps``; returns early, with a checkpoint, when stopped."""
         cfg = self.config
         resumed_from = self._resume_point()
-        ckpt.remove_partial(self.output_dir)
+        if self.dist.is_main:
+            ckpt.remove_partial(self.output_dir)
+        self.dist.barrier()
         if resumed_from is not None:
             self.load_checkpoint(resumed_from)
-        self.metrics = MetricsLogger(
-            self.output_dir, cfg.report_to, resume_step=self.step if resumed_from is not None else None
-        )
-        self._print_header(resumed_from)
+        resume_step = self.step if resumed_from is not None else None
+        if self.dist.is_main:
+            self.metrics = MetricsLogger(self.output_dir, cfg.report_to, resume_step=resume_step)
+            self._print_header(resumed_from)
+        else:  # other ranks keep the records in memory only (they are the same values)
+            self.metrics = _RankMetrics()
         result = TrainResult(step=self.step, output_dir=self.output_dir)
         if cfg.eval_on_start and self.step == 0 and self.eval_examples:
             result.eval_loss = self._log_eval()
 
         self.model.train()
-        progress = Progress(self.total_steps, initial=self.step)
+        progress = Progress(self.total_steps, initial=self.step, enabled=None if self.dist.is_main else False)
         window: list[tuple[float, int, float]] = []  # (loss, tokens, seconds) since the last log line
         try:
             with _stop_on_signals(self):
@@ -279,7 +333,8 @@ class Trainer:
                     micro = [self.micro_batch(m) for m in range(first, first + self.accum)]
                     loss = self.accumulate(micro).item()
                     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-                    grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm).item()
+                    # Under FSDP the norm is a DTensor over the shards; its full value is the global norm.
+                    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm)).item()
                     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                         self._diverged(loss, grad_norm)
                     lr = self.optimizer.param_groups[0]["lr"]
@@ -287,8 +342,14 @@ class Trainer:
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.step += 1
-                    seconds = time.perf_counter() - t0
                     tokens = sum(int(b.attention_mask.sum()) for b in micro)
+                    memory = memory_gib(self.device)
+                    if self.dist.distributed:  # global tokens, the largest rank's memory, a stop asked anywhere
+                        tokens, stops = (int(v) for v in self.dist.all_reduce([tokens, self.stop_reason is not None]))
+                        memory = float(self.dist.all_reduce([memory], op="max")[0])
+                        if stops and self.stop_reason is None:
+                            self.stop_reason = "another rank"
+                    seconds = time.perf_counter() - t0
                     result.losses.append(loss)
                     window.append((loss, tokens, seconds))
                     record = {
@@ -297,7 +358,7 @@ class Trainer:
                         "learning_rate": lr,
                         "grad_norm": grad_norm,
                         "tokens_per_s": tokens / seconds,
-                        "memory_gib": memory_gib(self.device),
+                        "memory_gib": memory,
                         "epoch": self.step * self.accum / self.batches_per_epoch,
                     }
                     progress.update(self.step, loss, lr, record["tokens_per_s"], record["memory_gib"])
@@ -320,7 +381,7 @@ class Trainer:
             progress.close()
             self.metrics.close()
         result.step, result.stopped_by = self.step, self.stop_reason
-        if self.stop_reason is not None:
+        if self.stop_reason is not None and self.dist.is_main:
             print(
                 f"stopped by {self.stop_reason} after step {self.step}; saved {result.checkpoint}; "
                 "continue with --resume (resume=True)",
@@ -338,6 +399,8 @@ class Trainer:
         record["loss"] = sum(w[0] for w in window) / len(window)
         record["tokens_per_s"] = sum(w[1] for w in window) / sum(w[2] for w in window)
         self.metrics.log(record)
+        if not self.dist.is_main:
+            return
         width = len(str(self.total_steps))
         progress.write(
             f"step {self.step:>{width}}/{self.total_steps} | loss {record['loss']:.4f} | "
@@ -350,6 +413,7 @@ class Trainer:
         loss = self.evaluate()
         if loss is not None:
             self.metrics.log({"step": self.step, "eval_loss": loss})
+        if loss is not None and self.dist.is_main:
             line = f"step {self.step}: eval loss {loss:.4f} ({time.perf_counter() - t0:.1f} s)"
             if progress is not None:
                 progress.write(line)
@@ -360,9 +424,10 @@ class Trainer:
     def _print_header(self, resumed_from: Path | None) -> None:
         cfg = self.config
         trainable = sum(p.numel() for p in self.params)
+        ranks = f" per rank x {self.dist.world_size} ranks ({self.strategy})" if self.dist.distributed else ""
         lines = [
             f"training {trainable:,d} parameters on {len(self.train_examples)} sequences "
-            f"({self.batches_per_epoch} micro-batches of {self.batch_size} per epoch), "
+            f"({self.batches_per_epoch} micro-batches of {self.batch_size}{ranks} per epoch), "
             f"{self.total_steps} steps of {self.accum} micro-batch(es)",
             f"device {self.device}, {'bf16 autocast' if self.use_bf16 else 'no autocast'}, gradient "
             f"checkpointing {'on' if self.gradient_checkpointing else 'off'}, optimizer "
@@ -370,6 +435,8 @@ class Trainer:
             f"{warmup_steps(cfg, self.total_steps)} steps)",
             f"output: {self.output_dir} (metrics.jsonl, loss_curve.png, checkpoints); {self.metrics.tensorboard_note}",
         ]
+        if self.fast_path_line:
+            lines.insert(2, self.fast_path_line)
         if resumed_from is not None:
             lines.append(f"resumed from {resumed_from} at step {self.step}")
         print("\n".join(lines), flush=True)
@@ -388,12 +455,26 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------------------------
 
     def save_checkpoint(self, rng: dict[str, Any] | None = None) -> Path:
-        """Write ``checkpoint-<step>`` (atomic), plot the losses, and rotate old checkpoints."""
+        """Write ``checkpoint-<step>`` (atomic), plot the losses, and rotate old checkpoints.
+
+        Under FSDP every rank writes its shards of the trainable parameters and optimizer state (DCP, in
+        ``sharded/``); with several ranks each also writes its RNG state. Rank 0 writes the rest.
+        """
+        rng = rng or ckpt.rng_state()
+        sharded = is_sharded(self.model)
+
+        def write_rank_files(folder: Path) -> None:  # called on every rank inside the temporary folder
+            if sharded:
+                dist_ckpt.save_sharded(folder, self.model, self.optimizer)
+            if self.dist.distributed:
+                dist_ckpt.save_rank_rng(folder, self.dist, rng)
+
         state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            # FSDP: the optimizer state is in the shards; otherwise every rank holds the same, rank 0 saves it
+            "optimizer": None if sharded else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng or ckpt.rng_state(),
+            "rng": rng,
             "data": self.data_position(self.step),
         }
         info = {
@@ -403,7 +484,14 @@ class Trainer:
             "config": self.config.to_dict(),
         }
         path = ckpt.save_checkpoint(
-            self.output_dir, self.step, self.model, state, info, keep=self.config.save_total_limit
+            self.output_dir,
+            self.step,
+            self.model,
+            state,
+            info,
+            keep=self.config.save_total_limit,
+            dist=self.dist,
+            write_rank_files=write_rank_files,
         )
         self.last_checkpoint = path
         if self.metrics is not None:
@@ -439,8 +527,15 @@ class Trainer:
                 f"resume: the data or batching changed since {path.name} ({details}); "
                 "an exact resume needs the same data, batch sizes and seed"
             )
-        ckpt.load_weights(self.model, path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if is_sharded(self.model):  # this rank's LoRA and optimizer shards, in place
+            dist_ckpt.load_sharded(path, self.model, self.optimizer)
+        else:
+            if state["optimizer"] is None:
+                raise ConfigError(
+                    f"resume: {path.name} is a sharded (FSDP) checkpoint; resume it with strategy fsdp under torchrun"
+                )
+            ckpt.load_weights(self.model, path)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # The schedule follows today's config (a lower learning_rate after a divergence takes effect).
         self.scheduler.base_lrs = [self.config.learning_rate for _ in self.optimizer.param_groups]
@@ -451,9 +546,32 @@ class Trainer:
                 warmup_steps(self.config, self.total_steps),
                 self.config.lr_scheduler_type,
             )
-        ckpt.set_rng_state(state["rng"])
+        rank_rng = dist_ckpt.load_rank_rng(path, self.dist) if self.dist.distributed else None
+        ckpt.set_rng_state(rank_rng or state["rng"])
         self.step = state["step"]
         self.last_checkpoint = path
+
+
+class _RankMetrics:
+    """What ranks other than 0 keep instead of a MetricsLogger: the records in memory, no files."""
+
+    tensorboard_note = "TensorBoard: rank 0 only"
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        pairs = [(r["step"], r[key]) for r in self.records if isinstance(r.get(key), (int, float))]
+        return [s for s, _ in pairs], [v for _, v in pairs]
+
+    def plot(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
 
 
 def _enable_checkpointing(model: torch.nn.Module) -> None:
