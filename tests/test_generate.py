@@ -4,7 +4,7 @@ import pytest
 import torch
 from kbit_testing import save_tiny_llama
 
-from kbit.generate import generate, generate_ids, render_prompt
+from kbit.generate import generate, generate_batch, generate_ids, render_prompt
 from kbit.lora import add_lora, lora_layers
 from kbit.models import load_model, load_tokenizer
 
@@ -38,7 +38,53 @@ def test_render_prompt_uses_chat_template(smol_tokenizer_dir):
 def test_errors(tmp_path, smol_tokenizer_dir):
     save_tiny_llama(tmp_path, smol_tokenizer_dir, max_position_embeddings=64)
     model, tok = load_model(tmp_path, device="cpu"), load_tokenizer(tmp_path)
-    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+    with pytest.raises(ValueError, match="exceeds the model's context of 64.*truncate"):
         generate(model, tok, "word " * 80, max_new_tokens=8)
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         generate(model, tok, "hi", max_new_tokens=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat(tmp_path_factory, smol_tokenizer_dir):
+    """A tiny random Llama loaded in 4 bits with a LoRA adapter whose B is non-zero, and the SmolLM2 tokenizer."""
+    root = tmp_path_factory.mktemp("tiny_chat")
+    save_tiny_llama(root, smol_tokenizer_dir)
+    model, tok = load_model(root, device="cpu"), load_tokenizer(root)
+    add_lora(model, r=4, dropout=0.0)
+    for _, layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+    return model, tok
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_static_engine_equals_transformers(tiny_chat, dense):
+    model, tok = tiny_chat
+    ours = generate_ids(model, tok, "Tell me a story", max_new_tokens=64, engine="static", dense=dense)
+    ref = generate_ids(model, tok, "Tell me a story", max_new_tokens=64, engine="transformers", dense=dense)
+    assert ours == ref and len(ours) > 8
+
+
+def test_batch_equals_one_by_one(tiny_chat):
+    model, tok = tiny_chat
+    prompts = ["One", "Two words here", [{"role": "user", "content": "Three"}]]
+    batch = generate_batch(model, tok, prompts, max_new_tokens=12, batch_size=2)
+    assert batch == [generate(model, tok, p, max_new_tokens=12) for p in prompts]
+
+
+def test_sampling_is_seeded(tiny_chat):
+    model, tok = tiny_chat
+    a = generate_ids(model, tok, "Hi", max_new_tokens=16, temperature=1.0, top_p=0.9, seed=3)
+    b = generate_ids(model, tok, "Hi", max_new_tokens=16, temperature=1.0, top_p=0.9, seed=3)
+    greedy = generate_ids(model, tok, "Hi", max_new_tokens=16)
+    assert a == b and a != greedy
+
+
+def test_truncate_keeps_the_end_of_a_long_prompt(tmp_path, smol_tokenizer_dir):
+    save_tiny_llama(tmp_path, smol_tokenizer_dir, max_position_embeddings=64)
+    model, tok = load_model(tmp_path, device="cpu"), load_tokenizer(tmp_path)
+    ids = generate_ids(model, tok, "word " * 80, max_new_tokens=8, truncate=True)
+    assert 0 < len(ids) <= 8
+    with pytest.raises(ValueError, match="no prompts"):
+        generate_batch(model, tok, [], max_new_tokens=8)
+    with pytest.raises(ValueError, match="engine must be one of"):
+        generate(model, tok, "hi", engine="fast")

@@ -4,7 +4,7 @@ The public API; everything else may change.
 """
 
 from .export import load_adapter, merge, quantize_model, save_adapter
-from .generate import generate
+from .generate import generate, generate_batch
 from .lora import add_lora, print_trainable_parameters
 from .models import load_model, load_tokenizer
 from .quant import QuantState, dequantize_4bit, quantize_4bit
@@ -16,6 +16,7 @@ __all__ = [
     "add_lora",
     "dequantize_4bit",
     "generate",
+    "generate_batch",
     "load_adapter",
     "load_model",
     "load_tokenizer",

@@ -1,18 +1,21 @@
 """Text generation from a (quantized, adapted) model with the tokenizer's chat template and a KV cache.
 
-This is the plain path on transformers' ``generate``; the fast decode path (static cache, CUDA graphs, fused 4-bit
-GEMV) comes with its own issue and must give the same greedy tokens as this one.
+Two engines give the same greedy tokens: kbit's static decoder (:mod:`kbit.decode`: static KV cache, CUDA graphs and
+the fused 4-bit GEMV on a GPU; Llama, Mistral, Qwen2, Qwen3) and transformers' ``generate`` (every other family, and
+the reference the tests hold the static decoder to).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 Messages = list[dict[str, str]]
+log = logging.getLogger("kbit")
 
 
 def render_prompt(tokenizer, prompt: str | Messages, chat: bool = True) -> torch.Tensor:
@@ -28,82 +31,157 @@ def render_prompt(tokenizer, prompt: str | Messages, chat: bool = True) -> torch
     return tokenizer(prompt, return_tensors="pt").input_ids
 
 
-@torch.no_grad()
-def generate(
-    model,
-    tokenizer,
-    prompt: str | Messages,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    stop: list[str] | None = None,
-    seed: int | None = None,
-    dense: bool | None = None,
-) -> str:
-    """The model's reply to ``prompt`` (greedy when temperature is 0), cut at the end-of-turn token or a stop string.
+ENGINES = ("auto", "static", "transformers")
 
-    ``dense`` (default: on the CPU) dequantizes each quantized layer once for the whole reply instead of once per
-    token; the values are the same, so the tokens are too.
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str | Messages, max_new_tokens: int = 128, **options) -> str:
+    """The model's reply to ``prompt`` (greedy by default), cut at the end-of-turn token or a stop string.
+
+    ``options`` are :func:`generate_batch_ids`'s: ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``stop``,
+    ``seed``, ``dense``, ``engine`` ("auto", "static", "transformers") and ``truncate``.
     """
-    new = generate_ids(model, tokenizer, prompt, max_new_tokens, temperature, top_p, top_k, stop, seed, dense)
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    for s in stop or []:
-        text = text.split(s)[0]
-    return text.strip()
+    (text,) = generate_batch(model, tokenizer, [prompt], max_new_tokens, **options)
+    return text
 
 
 @torch.no_grad()
-def generate_ids(
+def generate_ids(model, tokenizer, prompt: str | Messages, max_new_tokens: int = 128, **options) -> list[int]:
+    """The token ids :func:`generate` decodes (the end-of-turn token included when reached)."""
+    (ids,) = generate_batch_ids(model, tokenizer, [prompt], max_new_tokens, **options)
+    return ids
+
+
+@torch.no_grad()
+def generate_batch(
     model,
     tokenizer,
-    prompt: str | Messages,
+    prompts: list[str | Messages],
     max_new_tokens: int = 128,
+    batch_size: int = 16,
+    **options,
+) -> list[str]:
+    """Replies to many prompts, decoded ``batch_size`` at a time; each equals that prompt's reply alone."""
+    stop = options.get("stop") or []
+    texts = []
+    for ids in generate_batch_ids(model, tokenizer, prompts, max_new_tokens, batch_size, **options):
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        for s in stop:
+            text = text.split(s)[0]
+        texts.append(text.strip())
+    return texts
+
+
+@torch.no_grad()
+def generate_batch_ids(
+    model,
+    tokenizer,
+    prompts: list[str | Messages],
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
     temperature: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
     stop: list[str] | None = None,
     seed: int | None = None,
     dense: bool | None = None,
-) -> list[int]:
-    """The token ids :func:`generate` decodes (the end-of-turn token included when reached)."""
+    engine: str = "auto",
+    truncate: bool = False,
+) -> list[list[int]]:
+    """New token ids per prompt, decoded ``batch_size`` prompts at a time.
+
+    ``engine``: "static" (kbit's static-cache decoder: CUDA graphs and the fused 4-bit GEMV on a GPU), "transformers"
+    (transformers' ``generate``), "auto" (static for the families it supports, else transformers, with a log line).
+    ``dense`` (default: on the CPU) dequantizes each quantized layer once for the whole reply instead of once per
+    token; the values are the same, so the tokens are too. ``truncate`` keeps the end of a prompt that is too long
+    for the context instead of raising. ``seed`` makes sampling (temperature > 0) repeatable.
+    """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not prompts:
+        raise ValueError("no prompts to answer")
     device = next(model.parameters()).device
-    ids = render_prompt(tokenizer, prompt).to(device)
+    encoded = [_fit_context(model, render_prompt(tokenizer, p)[0], max_new_tokens, truncate) for p in prompts]
+    static = _use_static(model, engine, max(ids.numel() for ids in encoded) + max_new_tokens)
+    was_training = model.training
+    model.eval()
+    dense = device.type == "cpu" if dense is None else dense
+    sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
+    ends = _end_tokens(tokenizer)
+    results: list[list[int]] = []
+    try:
+        with dequantized(model) if dense else contextlib.nullcontext():
+            for lo in range(0, len(encoded), batch_size):
+                chunk = [ids.to(device) for ids in encoded[lo : lo + batch_size]]
+                if static:
+                    from .decode import decode
+
+                    gen = None if seed is None else torch.Generator(device).manual_seed(seed)
+                    results += decode(model, chunk, max_new_tokens, ends, generator=gen, **sampling)
+                else:
+                    if seed is not None:
+                        torch.manual_seed(seed)
+                    results += [
+                        _hf_generate(model, tokenizer, ids, max_new_tokens, ends, stop, **sampling) for ids in chunk
+                    ]
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _fit_context(model, ids: torch.Tensor, max_new_tokens: int, truncate: bool) -> torch.Tensor:
+    """The prompt ids, checked (or, with ``truncate``, cut from the left) against the model's context."""
     limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and ids.shape[1] + max_new_tokens > limit:
+    if limit and ids.numel() + max_new_tokens > limit:
+        if truncate and max_new_tokens < limit:
+            return ids[ids.numel() - (limit - max_new_tokens) :]
         raise ValueError(
-            f"prompt of {ids.shape[1]} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
-            f"context of {limit}; shorten the prompt or lower max_new_tokens"
+            f"prompt of {ids.numel()} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+            f"context of {limit}; shorten the prompt, lower max_new_tokens or pass truncate=True (--truncate)"
         )
-    if seed is not None:
-        torch.manual_seed(seed)
+    return ids
+
+
+def _use_static(model, engine: str, length: int) -> bool:
+    """Whether to decode with kbit's static decoder; says once per model why not when ``auto`` falls back."""
+    from .decode import unsupported_reason
+
+    reason = unsupported_reason(model, length)
+    if reason is None:
+        return engine != "transformers"
+    if engine == "static":
+        raise ValueError(f"engine='static' cannot run this model: {reason}; use engine='auto' or 'transformers'")
+    if engine == "auto" and not getattr(model, "_kbit_fallback_logged", False):
+        log.info("kbit generate: %s; decoding with transformers' generate instead of the static decoder", reason)
+        model._kbit_fallback_logged = True
+    return False
+
+
+def _hf_generate(model, tokenizer, ids, max_new_tokens, ends, stop, temperature, top_p, top_k) -> list[int]:
+    """One prompt through transformers' ``generate`` (the reference path)."""
     sample = temperature > 0
     kw = (
         dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
         if sample
         else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     )
-    was_training = model.training
-    model.eval()
-    dense = device.type == "cpu" if dense is None else dense
-    try:
-        with dequantized(model) if dense else contextlib.nullcontext():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                eos_token_id=_end_tokens(tokenizer),
-                pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-                stop_strings=stop,
-                tokenizer=tokenizer if stop else None,
-                **kw,
-            )
-    finally:
-        model.train(was_training)
+    ids = ids.view(1, -1)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=ends,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        stop_strings=stop,
+        tokenizer=tokenizer if stop else None,
+        **kw,
+    )
     return out[0, ids.shape[1] :].tolist()
 
 

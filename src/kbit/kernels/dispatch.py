@@ -67,3 +67,29 @@ def dequantize_blockwise(
 
         return quant8.dequantize_blockwise(q, absmax, code, blocksize, out_dtype)
     return blockwise8.dequantize_blockwise_ref(q, absmax, code, blocksize, out_dtype)
+
+
+def gemv_4bit(
+    x: torch.Tensor,
+    raw: torch.Tensor,
+    state: QuantState,
+    bias: torch.Tensor | None = None,
+    xa: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    lora_scale: float = 1.0,
+) -> torch.Tensor:
+    """``x [M, K] @ dequant(W)^T + bias + lora_scale * xa @ lora_b^T`` in ``x.dtype`` (decode-sized inputs).
+
+    The reference dequantizes W to ``x.dtype`` and multiplies; for one row on CUDA the Triton kernel reads the packed
+    weight once and folds the LoRA branch into its epilogue (same weights, fp32 sums, one rounding).
+    """
+    raw = raw.reshape(-1)
+    if use_triton(x) and x.shape[0] == 1:
+        from .triton import gemv4
+
+        if gemv4.supports(state, x.shape[1]):
+            return gemv4.gemv_4bit(x, raw, state, bias, xa, lora_b, lora_scale)
+    y = torch.nn.functional.linear(x, dequantize_4bit(raw, state, x.dtype), bias)
+    if xa is None:
+        return y
+    return (y.float() + lora_scale * (xa.float() @ lora_b.float().t())).to(x.dtype)

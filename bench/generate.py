@@ -1,0 +1,287 @@
+"""Decode speed of kbit's static decoder against transformers + bitsandbytes (and Unsloth when installed), one run.
+
+    python3 bench/generate.py [--batches 1 4 16] [--new-tokens 128] [--peer-tokens 32] [--skip-peers]
+
+On one CUDA GPU, in this order:
+1. the device-to-device copy bandwidth (bytes read + written), the yardstick of the GEMV rows;
+2. the fused 4-bit GEMV alone (NF4 + double quant, blocksize 64) on 14336x4096, 4096x4096 and 4096x14336 at 1, 4 and
+   16 rows, against bitsandbytes' ``matmul_4bit`` on the same shapes (its batch-1 GEMV kernel): microseconds and
+   the fraction of copy bandwidth (bytes counted: packed weight + 8-bit scales + nested scales + x + y). Weights
+   rotate over enough copies to spill the 50 MB L2;
+3. the Llama-3-8B shape (random weights, NF4 + double quant, bf16 head), prompt of 32 tokens, ``--new-tokens``
+   greedy tokens, batch 1/4/16: kbit without adapters and with LoRA r=16 on all seven projections (unmerged),
+   time to first token (prefill + first pick) and decode tokens/s per sequence;
+4. peers on the same shape: transformers ``generate`` over bitsandbytes ``Linear4bit`` (NF4 + DQ), without and with
+   PEFT LoRA r=16 adapters, ``--peer-tokens`` new tokens (their rate is flat); Unsloth's inference mode through
+   ``../shared/bench/peer_unsloth_generate.py`` in its own process when ``unsloth`` imports.
+Prints JSON lines, then one table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_memory import random_quantized_llama  # noqa: E402
+
+ROWS: list[dict] = []
+
+
+def emit(**row) -> None:
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write)."""
+    from triton.testing import do_bench
+
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def rotating_us(fn, items: list) -> float:
+    """Median microseconds of ``fn(*item)``, cycling through ``items`` (so weights are read from memory, not L2)."""
+    from triton.testing import do_bench
+
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(items)
+        return fn(*items[state["i"]])
+
+    return do_bench(call, warmup=50, rep=300, return_mode="median") * 1e3
+
+
+def gemv_rows(copy_bw: float) -> None:
+    from functools import partial
+
+    from kbit.kernels import dispatch
+    from kbit.quant import quantize_4bit
+
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bf
+    except ImportError:
+        bnb = None
+    for n, k in ((14336, 4096), (4096, 4096), (4096, 14336)):
+        copies = max(2, -(-200 * 2**20 // (n * k // 2)))  # > 200 MB of weights in rotation: never L2-resident
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        ours = [quantize_4bit(w, "nf4", 64, True) for w in weights]
+        quant = partial(bf.quantize_4bit, blocksize=64, quant_type="nf4", compress_statistics=True) if bnb else None
+        theirs = [quant(w) for w in weights] if bnb else []
+        del weights
+        packed, state = ours[0]
+        for rows in (1, 4, 16):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            nbytes = packed.numel() + state.absmax.numel() + 4 * state.nested_absmax.numel() + 2 * rows * (n + k)
+            us = rotating_us(partial(dispatch.gemv_4bit, x), ours)  # what the decoder calls: fused at 1 row
+            row = dict(part="gemv", shape=f"{n}x{k}", rows=rows, kbit_us=round(us, 1),
+                       kbit_bw_frac=round(nbytes / (us * 1e-6) / copy_bw, 3))  # fmt: skip
+            if theirs:
+                bus = rotating_us(lambda p, s, x=x: bnb.matmul_4bit(x, p.t(), quant_state=s), theirs)
+                row |= dict(bnb_us=round(bus, 1), bnb_bw_frac=round(nbytes / (bus * 1e-6) / copy_bw, 3))
+            emit(**row)
+        torch.cuda.empty_cache()
+
+
+def sweep_configs() -> tuple[int, int, int, int]:
+    """Time GEMV tilings (BLOCK_N, blocks per iteration, warps, stages) at 1 row; returns the best over all shapes."""
+    from functools import partial
+
+    from kbit.kernels.triton import gemv4
+    from kbit.quant import quantize_4bit
+
+    configs = [(bn, nb, w, st) for bn in (8, 16, 32) for nb in (4, 8, 16) for w in (2, 4) for st in (2, 4)]
+    total = dict.fromkeys(configs, 0.0)
+    for n, k in ((14336, 4096), (4096, 4096), (4096, 14336)):
+        copies = max(2, -(-200 * 2**20 // (n * k // 2)))
+        qs = [quantize_4bit(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, "nf4", 64, True)
+              for _ in range(copies)]  # fmt: skip
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        for cfg in configs:
+            try:
+                total[cfg] += rotating_us(partial(gemv4.gemv_4bit, x, config=cfg), qs)
+            except Exception as e:  # a tiling the compiler rejects (shared memory, registers)
+                print(f"config {cfg}: {type(e).__name__}", flush=True)
+                total[cfg] = float("inf")
+        del qs
+        torch.cuda.empty_cache()
+    ranked = sorted(total.items(), key=lambda kv: kv[1])
+    emit(part="sweep", best=[dict(config=c, sum_us=round(us, 1)) for c, us in ranked[:5]])
+    return ranked[0][0]
+
+
+def add_adapters(model: nn.Module, rank: int = 16) -> None:
+    """LoRA r on all seven projections, B random (an adapter after training is not zero)."""
+    from kbit.lora import add_lora, lora_layers
+
+    add_lora(model, r=rank, alpha=2 * rank, dropout=0.0, dtype=torch.bfloat16)
+    for _, layer in lora_layers(model):
+        nn.init.normal_(layer.lora_B.weight, std=0.01)
+    model.eval()
+
+
+def time_kbit(model: nn.Module, batch: int, prompt: int, new: int, label: str) -> None:
+    from kbit.decode import decoder_for, pick
+
+    vocab = model.config.vocab_size
+    t0 = time.perf_counter()
+    dec = decoder_for(model, batch, prompt + new)
+    torch.cuda.synchronize()
+    capture_s = time.perf_counter() - t0
+    prompts = [torch.randint(0, vocab, (prompt,), device="cuda") for _ in range(batch)]
+    for _ in range(2):  # the first pass warms the prefill shapes
+        dec.pos.zero_()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        first = torch.stack([dec.prefill(i, p) for i, p in enumerate(prompts)])
+        tok = pick(first)
+        tok.cpu()
+        ttft = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for _ in range(new - 1):
+            tok = pick(dec.step(tok))
+        torch.cuda.synchronize()
+        decode_s = time.perf_counter() - t1
+    emit(part="generate", stack=label, batch=batch, new_tokens=new, ttft_ms=round(ttft * 1e3, 1),
+         tok_s_per_seq=round((new - 1) / decode_s, 1), tok_s_total=round(batch * (new - 1) / decode_s, 1),
+         capture_s=round(capture_s, 2), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))  # fmt: skip
+
+
+def bnb_model(config) -> nn.Module:
+    """transformers' Llama with bitsandbytes NF4 + DQ Linear4bit layers (random weights quantized by bnb)."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    head = model.get_output_embeddings()
+    for name, mod in list(model.named_modules()):
+        if type(mod) is nn.Linear and mod is not head:
+            q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                  compress_statistics=True, quant_type="nf4", device="meta")  # fmt: skip
+            w = torch.randn(mod.out_features, mod.in_features, dtype=torch.bfloat16, device="cuda") * 0.02
+            q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True,
+                                         blocksize=64).to("cuda")  # fmt: skip
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, q)
+    for mod in model.modules():  # embeddings, norms, head: still on meta
+        for pname, p in list(mod._parameters.items()):
+            if p is not None and p.is_meta:
+                t = torch.ones(p.shape, dtype=p.dtype, device="cuda")
+                mod._parameters[pname] = nn.Parameter(t.normal_(0, 0.02) if p.dim() == 2 else t, requires_grad=False)
+    with torch.device("cuda"):
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    return model.eval()
+
+
+def time_hf(model: nn.Module, batch: int, prompt: int, new: int, label: str) -> None:
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (batch, prompt), device="cuda")
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    model.generate(input_ids=ids, max_new_tokens=4, min_new_tokens=4, **kw)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model.generate(input_ids=ids, max_new_tokens=1, min_new_tokens=1, **kw)
+    torch.cuda.synchronize()
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = model.generate(input_ids=ids, max_new_tokens=new, min_new_tokens=new, **kw)
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    n = out.shape[1] - prompt
+    emit(part="generate", stack=label, batch=batch, new_tokens=n, ttft_ms=round(ttft * 1e3, 1),
+         tok_s_per_seq=round((n - 1) / max(total - ttft, 1e-9), 1),
+         tok_s_total=round(batch * (n - 1) / max(total - ttft, 1e-9), 1))  # fmt: skip
+
+
+def unsloth_rows(peer_dir: Path) -> None:
+    script = peer_dir / "peer_unsloth_generate.py"
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
+    for line in proc.stdout.splitlines():
+        if line.startswith("{") and "unsloth" in line:
+            r = json.loads(line)
+            rate = r["tok_per_s_per_seq"]
+            emit(part="generate", stack="unsloth (its inference mode)", batch=r["batch"], new_tokens=r["new_tokens"],
+                 tok_s_per_seq=rate, tok_s_total=round(rate * r["batch"], 1))  # fmt: skip
+    if proc.returncode:
+        emit(part="generate", stack="unsloth", error=proc.stderr.strip().splitlines()[-1:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--peer-tokens", type=int, default=32)
+    p.add_argument("--skip-gemv", action="store_true")
+    p.add_argument("--skip-peers", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="time GEMV tilings first (picks CONFIG_ROW / CONFIG_DOT)")
+    p.add_argument("--unsloth", action="store_true", help="also run Unsloth's inference mode (needs its wheels)")
+    p.add_argument("--peer-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "bench",
+                   help="folder of the peer scripts (../shared/bench)")  # fmt: skip
+    args = p.parse_args()
+    emit(part="device", gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
+    bw = copy_bandwidth()
+    emit(part="copy", tb_s=round(bw / 1e12, 3))
+    if args.sweep:
+        from kbit.kernels.triton import gemv4
+
+        gemv4.CONFIG = sweep_configs()  # the rest of the run uses the winner
+    if not args.skip_gemv:
+        gemv_rows(bw)
+
+    model, config = random_quantized_llama("llama-3-8b")
+    model.eval()
+    for b in args.batches:
+        time_kbit(model, b, args.prompt, args.new_tokens, "kbit")
+    add_adapters(model)
+    for b in args.batches:
+        time_kbit(model, b, args.prompt, args.new_tokens, "kbit + LoRA r16 (unmerged)")
+    del model
+    torch.cuda.empty_cache()
+
+    if not args.skip_peers:
+        hf = bnb_model(config)
+        for b in args.batches:
+            time_hf(hf, b, args.prompt, args.peer_tokens, "transformers + bnb")
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        hf = get_peft_model(hf, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets)).eval()
+        time_hf(hf, 1, args.prompt, args.peer_tokens, "transformers + bnb + PEFT LoRA r16")
+        del hf
+        torch.cuda.empty_cache()
+    if args.unsloth:
+        unsloth_rows(args.peer_dir)
+
+    print("\n| stack | batch | tokens/s per sequence | tokens/s total | time to first token (ms) |")
+    print("|---|---|---|---|---|")
+    for r in ROWS:
+        if r["part"] == "generate" and "tok_s_per_seq" in r:
+            print(
+                f"| {r['stack']} | {r['batch']} | {r['tok_s_per_seq']} | {r['tok_s_total']} | {r.get('ttft_ms', '')} |"
+            )
+    print("\n| GEMV shape | rows | kbit µs | kbit / copy bw | bnb µs | bnb / copy bw |")
+    print("|---|---|---|---|---|---|")
+    for r in ROWS:
+        if r["part"] == "gemv":
+            print(f"| {r['shape']} | {r['rows']} | {r['kbit_us']} | {r['kbit_bw_frac']} | {r.get('bnb_us', '')} | "
+                  f"{r.get('bnb_bw_frac', '')} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
