@@ -86,3 +86,18 @@ def test_batch_rows_equal_single_prompts_on_gpu():
     prompts = [torch.randint(0, 1024, (t,), device="cuda", generator=g) for t in (5, 40, 17, 23)]
     batch = decode(model, prompts, 48, end_ids=[])
     assert batch == [_reference(model, p, 48) for p in prompts]
+
+
+def test_adapter_changes_reach_the_captured_graph():
+    """The stacked LoRA A copies are refreshed per decode: new adapter weights give transformers' new tokens."""
+    model = _model(4)
+    ids = torch.randint(0, 1024, (12,), device="cuda")
+    before = decode(model, [ids], 32, end_ids=[])[0]
+    graph = model._kbit_decoder.graph
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_A.weight.mul_(-3.0)
+            layer.lora_B.weight.normal_(0, 0.05)
+    after = decode(model, [ids], 32, end_ids=[])[0]
+    assert model._kbit_decoder.graph is graph  # the same capture, reading the refreshed copies
+    assert after == _reference(model, ids, 32) and after != before

@@ -62,8 +62,11 @@ def _lora_parts(module: nn.Module):
     return None
 
 
-def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` for x [rows, in]; one row on CUDA goes through the fused 4-bit GEMV when the module allows it."""
+def project(module: nn.Module, x: torch.Tensor, xa: torch.Tensor | None = None) -> torch.Tensor:
+    """``module(x)`` for x [rows, in]; one row on CUDA goes through the fused 4-bit GEMV when the module allows it.
+
+    ``xa`` is ``x A^T`` of a LoRA module when the caller already has it (one matmul for the adapters of q, k and v).
+    """
     if x.shape[0] == 1 and x.is_cuda:
         if isinstance(module, Linear4bit):
             xc = x.to(module.compute_dtype)
@@ -72,9 +75,35 @@ def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if parts is not None:
             base, a, b, scale = parts
             xc = x.to(base.compute_dtype)
-            xa = F.linear(xc.to(a.dtype), a)  # [rows, r]: one small matmul shared by every output block
+            if xa is None:
+                xa = F.linear(xc.to(a.dtype), a)  # [rows, r]: one small matmul shared by every output block
             return dispatch.gemv_4bit(xc, as_bytes(base.weight), base.quant_state, base.bias, xa, b, scale)
     return module(x)
+
+
+class _SharedInput:
+    """Projections reading one input (q/k/v, gate/up) whose LoRA A matrices are stacked for one ``x A^T`` matmul.
+
+    The stack is a copy, refreshed in place before each decode (so a captured graph keeps reading the same storage
+    and sees adapters trained or loaded since).
+    """
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        parts = [_lora_parts(m) for m in modules]
+        ok = all(p is not None for p in parts) and len({p[1].dtype for p in parts}) == 1
+        self.stack = torch.cat([p[1].detach() for p in parts]) if ok else None
+        self.ranks = [p[1].shape[0] for p in parts] if ok else []
+
+    def refresh(self) -> None:
+        if self.stack is not None:
+            torch.cat([m.lora_A.weight.detach() for m in self.modules], out=self.stack)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.stack is None or x.shape[0] != 1 or not x.is_cuda:
+            return [project(m, x) for m in self.modules]
+        xas = F.linear(x.to(self.stack.dtype), self.stack).split(self.ranks, dim=1)
+        return [project(m, x, xa) for m, xa in zip(self.modules, xas, strict=True)]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +144,10 @@ class Decoder:
         self.scale = self.head_dim**-0.5
         emb = model.get_input_embeddings()
         self.device = emb.weight.device
+        self.qkv = [
+            _SharedInput([la.self_attn.q_proj, la.self_attn.k_proj, la.self_attn.v_proj]) for la in self.body.layers
+        ]
+        self.gate_up = [_SharedInput([la.mlp.gate_proj, la.mlp.up_proj]) for la in self.body.layers]
         self.dtype = next((p.dtype for p in self.body.layers[0].input_layernorm.parameters()), emb.weight.dtype)
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.body.layers]
@@ -139,9 +172,10 @@ class Decoder:
         for i, layer in enumerate(self.body.layers):
             att = layer.self_attn
             h = layer.input_layernorm(x).view(b * t, -1)
-            q = project(att.q_proj, h).view(b, t, self.heads, self.head_dim)
-            k = project(att.k_proj, h).view(b, t, self.kv_heads, self.head_dim)
-            v = project(att.v_proj, h).view(b, t, self.kv_heads, self.head_dim)
+            q, k, v = self.qkv[i](h)
+            q = q.view(b, t, self.heads, self.head_dim)
+            k = k.view(b, t, self.kv_heads, self.head_dim)
+            v = v.view(b, t, self.kv_heads, self.head_dim)
             if hasattr(att, "q_norm"):  # Qwen3 normalises each head before the rotation
                 q, k = att.q_norm(q), att.k_norm(k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -151,7 +185,8 @@ class Decoder:
             x = x + project(att.o_proj, o).view(b, t, -1)
             h = layer.post_attention_layernorm(x).view(b * t, -1)
             mlp = layer.mlp
-            gated = mlp.act_fn(project(mlp.gate_proj, h)) * project(mlp.up_proj, h)
+            gate, up = self.gate_up[i](h)
+            gated = mlp.act_fn(gate) * up
             x = x + project(mlp.down_proj, gated).view(b, t, -1)
         return x
 
@@ -209,6 +244,12 @@ class Decoder:
             self.logits = self._step_body()
 
     @torch.no_grad()
+    def refresh_adapters(self) -> None:
+        """Copy the current LoRA A weights into the stacked copies the decode step reads."""
+        for shared in (*self.qkv, *self.gate_up):
+            shared.refresh()
+
+    @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (at each row's position), advance the positions, return logits [B, V]."""
         self.tok.copy_(tokens)
@@ -240,6 +281,7 @@ def decoder_for(model: nn.Module, batch: int, max_len: int) -> Decoder:
         and cached.device == _device(model)
         and cached.structure == structure(model)
     ):
+        cached.refresh_adapters()
         return cached
     model._kbit_decoder = None  # free the old cache before allocating the new one
     model._kbit_decoder = Decoder(model, batch, want)
