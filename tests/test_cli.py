@@ -66,12 +66,17 @@ def test_generate_prompts_file(tiny):
             str(root / "answers.jsonl"),
             "--max-new-tokens",
             "6",
+            "--batch-size",
+            "2",
         ]
     )
     assert rc == 0
     rows = [json.loads(line) for line in (root / "answers.jsonl").read_text().splitlines()]
     assert [r.get("prompt") for r in rows] == ["One", None]
-    assert rows[0]["answer"] == generate(model, tok, "One", max_new_tokens=6)
+    # decoded together by the static engine, each answer is the transformers engine's answer alone
+    assert rows[0]["answer"] == generate(model, tok, "One", max_new_tokens=6, engine="transformers")
+    two = [{"role": "user", "content": "Two"}]
+    assert rows[1]["answer"] == generate(model, tok, two, max_new_tokens=6, engine="transformers")
 
 
 def test_generate_bad_prompts_files(tiny, capsys):
