@@ -27,3 +27,27 @@ def save_tiny_llama(folder, tokenizer_dir=None, seed: int = 0, **overrides) -> t
         for f in tokenizer_dir.iterdir():
             shutil.copy(f, folder)
     return model
+
+
+def bnb_dequantized(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with each bitsandbytes Linear4bit replaced by an ``nn.Linear`` of bitsandbytes' dequantized weight.
+
+    bitsandbytes' float32 dequantization, rounded to bf16 here: on CPUs with AVX-512 BF16 its CPU forward is a fused
+    kernel with bf16 block scales (its own approximation, not the dequantize-then-matmul both libraries define), so
+    the oracle is its dequantized weight in a plain bf16 matmul, which is what its forward computes elsewhere.
+    """
+    import copy
+
+    import bitsandbytes.functional as bnbf
+
+    for name, mod in list(model.named_modules()):
+        if type(mod).__name__ == "Linear4bit":
+            state = copy.copy(mod.weight.quant_state)
+            state.dtype = torch.float32
+            dense = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, dtype=torch.bfloat16)
+            dense.weight.data = bnbf.dequantize_4bit(mod.weight.data, state).to(torch.bfloat16)
+            if mod.bias is not None:
+                dense.bias.data = mod.bias.data.to(torch.bfloat16)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+    return model

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from kbit_testing import bnb_dequantized
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from kbit.models import load_model
@@ -30,30 +31,6 @@ def _save_random(model_type: str, folder, seed=0, **save_kw):
     return model
 
 
-def _bnb_dequantized(model):
-    """``model`` with each bitsandbytes Linear4bit replaced by an ``nn.Linear`` of bitsandbytes' dequantized weight.
-
-    bitsandbytes' float32 dequantization, rounded to bf16 here: on CPUs with AVX-512 BF16 its CPU forward is a fused
-    kernel with bf16 block scales (its own approximation, not the dequantize-then-matmul both libraries define), so
-    the oracle is its dequantized weight in a plain bf16 matmul, which is what its forward computes elsewhere.
-    """
-    import copy
-
-    import bitsandbytes.functional as bnbf
-
-    for name, mod in list(model.named_modules()):
-        if type(mod).__name__ == "Linear4bit":
-            state = copy.copy(mod.weight.quant_state)
-            state.dtype = torch.float32
-            dense = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, dtype=torch.bfloat16)
-            dense.weight.data = bnbf.dequantize_4bit(mod.weight.data, state).to(torch.bfloat16)
-            if mod.bias is not None:
-                dense.bias.data = mod.bias.data.to(torch.bfloat16)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, dense)
-    return model
-
-
 def _bnb_4bit(folder, dq=True, quant_type="nf4", storage=torch.uint8):
     qc = BitsAndBytesConfig(
         load_in_4bit=True,
@@ -76,7 +53,7 @@ def test_family_matches_transformers_bitsandbytes(model_type, tmp_path):
     n4 = sum(isinstance(m, Linear4bit) for m in ours.modules())
     assert n4 == sum(type(m).__name__ == "Linear4bit" for m in ref.modules()) > 0
     with torch.no_grad():
-        a, b = ours(IDS).logits.float(), _bnb_dequantized(ref)(IDS).logits.float()
+        a, b = ours(IDS).logits.float(), bnb_dequantized(ref)(IDS).logits.float()
     # Same packed bytes, same dequantized bf16 weights, same bf16 matmuls: the logits are identical.
     assert torch.equal(a, b)
 
@@ -111,7 +88,7 @@ def test_bitsandbytes_checkpoint_loads_without_requantizing(tmp_path):
     key = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(ours.state_dict()[key], ref.state_dict()[key])
     with torch.no_grad():
-        assert torch.equal(ours(IDS).logits, _bnb_dequantized(ref)(IDS).logits)
+        assert torch.equal(ours(IDS).logits, bnb_dequantized(ref)(IDS).logits)
 
 
 def test_int8_bits(tmp_path):

@@ -57,4 +57,5 @@ def compare_models(reference, candidate, ids: torch.Tensor, length: int = 512) -
         nll_r -= lr.gather(1, target).sum().item()
         nll_c -= lc.gather(1, target).sum().item()
         n += chunk.numel() - 1
-    return LogitComparison(n, kl / n, math.exp(nll_r / n), math.exp(nll_c / n))
+    # KL >= 0; equal distributions give a sum of roundoff that can land a hair below zero.
+    return LogitComparison(n, max(kl / n, 0.0), math.exp(nll_r / n), math.exp(nll_c / n))
