@@ -4,26 +4,15 @@ import json
 
 import pytest
 import torch
-from kbit_testing import bnb_dequantized
+from kbit_testing import FAMILY_CONFIGS, TINY, bnb_dequantized
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
 from kbit.models import load_model
 from kbit.nn import Linear4bit, Linear8bit
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
-FAMILIES = {
-    "llama": dict(num_key_value_heads=2),
-    "mistral": dict(num_key_value_heads=2, sliding_window=None),
-    "qwen2": dict(num_key_value_heads=2),
-    "qwen3": dict(num_key_value_heads=2, head_dim=16),
-    "gemma2": dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8),
-    "phi3": dict(num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
-    "gpt_neox": dict(rotary_pct=0.5),
-}
-
 
 def _save_random(model_type: str, folder, seed=0, **save_kw):
-    kw = dict(TINY, **FAMILIES[model_type])
+    kw = dict(TINY, **FAMILY_CONFIGS[model_type])
     config = AutoConfig.for_model(model_type, **kw)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -45,7 +34,7 @@ def _bnb_4bit(folder, dq=True, quant_type="nf4", storage=torch.uint8):
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("model_type", list(FAMILIES))
+@pytest.mark.parametrize("model_type", list(FAMILY_CONFIGS))
 def test_family_matches_transformers_bitsandbytes(model_type, tmp_path):
     _save_random(model_type, tmp_path)
     ours = load_model(tmp_path, device="cpu")

@@ -12,6 +12,7 @@ import copy
 
 import pytest
 import torch
+from kbit_testing import FAMILY_CONFIGS, TINY
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -19,15 +20,7 @@ from kbit.lora import add_lora, lora_layers
 from kbit.models.patch import apply_fast_path
 from kbit.nn import Linear4bit
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
-FAMILIES = {
-    "llama": dict(num_key_value_heads=2),
-    "mistral": dict(num_key_value_heads=2, sliding_window=None),
-    "qwen2": dict(num_key_value_heads=2),
-    "qwen3": dict(num_key_value_heads=2, head_dim=16),
-    "gemma2": dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, sliding_window=8),
-    "phi3": dict(num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
-}
+FAMILIES = {k: v for k, v in FAMILY_CONFIGS.items() if k != "gpt_neox"}  # the fast path's families
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
