@@ -2,7 +2,7 @@
 
 from .adapter import adapter_config, adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 from .checkpoint import write_hf_folder
-from .merge import MergeReport, merge, merged_tensors, quantize_model
+from .merge import MergeReport, merge, merged_tensors, quantize_model, save_base
 
 
 def export_gguf(model_dir, out_file, out_type: str = "f16", overwrite: bool = False):
@@ -23,5 +23,6 @@ __all__ = [
     "quantize_model",
     "read_adapter_config",
     "save_adapter",
+    "save_base",
     "write_hf_folder",
 ]

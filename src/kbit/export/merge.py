@@ -17,7 +17,7 @@ import copy
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -124,16 +124,35 @@ def quantize_model(
     return write_hf_folder(out_dir, tensors, config, load_tokenizer(source), model.generation_config, overwrite)
 
 
+def save_base(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """Write ``model``'s bases without their adapters: its 4-bit layers as they are (a bitsandbytes checkpoint).
+
+    For bases that exist only in memory, such as the one LoftQ initialisation quantizes, which its adapter needs.
+    """
+    quant = next((m for m in model.modules() if isinstance(m, Linear4bit)), None)
+    if quant is None:
+        raise ValueError(f"{type(model).__name__} has no 4-bit layer; save_base writes 4-bit bases")
+    cfg = getattr(model, "kbit_load_config", None) or LoadConfig("memory")
+    layout = dict(quant_type=quant.quant_type, double_quant=quant.compress_statistics, blocksize=quant.blocksize)
+    cfg = replace(cfg, bits=4, compute_dtype=quant.compute_dtype, quant_storage=quant.quant_storage, **layout)
+    config = _output_config(model, quant.compute_dtype, cfg)
+    tensors = merged_tensors(model, quant.compute_dtype, requantize=cfg, fold_adapters=False)
+    return write_hf_folder(out_dir, tensors, config, tokenizer, model.generation_config, overwrite)
+
+
 def merged_tensors(
-    model: nn.Module, dtype: torch.dtype, requantize: LoadConfig | None = None
+    model: nn.Module, dtype: torch.dtype, requantize: LoadConfig | None = None, fold_adapters: bool = True
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the model with adapters folded in, one layer at a time, under the base model's names.
 
     Without ``requantize`` everything is written dense in ``dtype``. With it (a 4-bit checkpoint), 4-bit layers
     without an adapter keep their packed bytes (bitsandbytes keys) and adapted ones are quantized again.
+    ``fold_adapters=False`` writes the bases alone, as they are (the adapters are dropped).
     """
     seen: set[int] = set()
     for name, module in _leaves(model):
+        if isinstance(module, LoRALinear) and not fold_adapters:
+            module = module.base_layer
         if isinstance(module, LoRALinear):
             base = module.base_layer
             w = module.merged_weight(torch.float32)

@@ -22,6 +22,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")
 REPORT_TO = ("auto", "none", "tensorboard")
 STRATEGIES = ("auto", "fsdp", "ddp", "none")
+LORA_INITS = ("default", "loftq")
 QUANT_TYPES = ("nf4", "fp4")
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
@@ -55,6 +56,12 @@ class TrainConfig:
     lora_r: int = _key(16, "LoRA rank", "lora")
     lora_alpha: float = _key(32.0, "LoRA scale numerator: the update is (lora_alpha / lora_r) * B A x", "lora")
     lora_dropout: float = _key(0.05, "dropout on the LoRA input", "lora")
+    lora_init: str = _key(
+        "default",
+        "default (B = 0) or loftq: start LoRA from the 4-bit quantization residual (bits 4 only; the 4-bit base "
+        "it makes is saved beside the adapter as base/, which the adapter must be used with)",
+        "lora",
+    )
     target_modules: str | list[str] = _key(
         "all-linear", "layers that get LoRA: all-linear, or names such as q_proj,v_proj", "lora"
     )
@@ -192,6 +199,8 @@ class TrainConfig:
         need(self.lora_r >= 1, "lora_r", "must be a positive integer")
         need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
         need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        one_of("lora_init", LORA_INITS)
+        need(self.lora_init != "loftq" or self.bits == 4, "lora_init", "loftq needs bits: 4")
         need(bool(self.target_modules), "target_modules", "must name at least one layer (or be all-linear)")
         need(bool(self.data), "data", "must be 'builtin' or a data file")
         from ..data.formats import FORMATS  # pure Python, no model code

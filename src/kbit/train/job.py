@@ -125,9 +125,10 @@ def _run(config: TrainConfig, job: str, ctx: DistContext) -> dict[str, Any]:
     hf_logging.disable_progress_bar()  # the GGUF reader's per-tensor bar is noise in a training log
     try:
         tokenizer = load_tokenizer(config.model)
+        loftq = config.lora_init == "loftq"
         model = load_model(
             config.model,
-            bits=config.bits,
+            bits=16 if loftq else config.bits,  # LoftQ quantizes the 16-bit weights itself, after add_lora
             quant_type=config.quant_type,
             double_quant=config.double_quant,
             compute_dtype=compute_dtype,
@@ -153,6 +154,19 @@ def _run(config: TrainConfig, job: str, ctx: DistContext) -> dict[str, Any]:
         target_modules=config.target_modules,
         dtype=torch.float32,
     )
+    if loftq:
+        from ..lora.loftq import loftq_quantize
+
+        errors = loftq_quantize(model, config.quant_type, 64, config.double_quant, compute_dtype=compute_dtype,
+                                quant_storage=compute_dtype if shardable else torch.uint8)  # fmt: skip
+        plain, ours = (sum(e[i] for e in errors.values()) / len(errors) for i in (0, 1))
+        say(f"LoftQ initialisation: mean relative weight error {plain:.4f} (plain 4-bit) -> {ours:.4f}", flush=True)
+        if (
+            ctx.is_main
+        ):  # the adapter belongs to this 4-bit base, not to a fresh quantization: keep it (before sharding)
+            from ..export import save_base
+
+            save_base(model, output_dir / "base", tokenizer, overwrite=True)
     trainable, total = trainable_parameters(model)
     t_loaded = time.perf_counter()
     say(
@@ -200,7 +214,8 @@ def _run(config: TrainConfig, job: str, ctx: DistContext) -> dict[str, Any]:
     if acc_records and result.stopped_by is None:
         after = task_accuracy(model, tokenizer, acc_records, config.generation_max_new_tokens)
     # gathered from the shards on every rank, written by rank 0 in PEFT's format
-    adapter_dir = save_adapter_gathered(model, output_dir / "adapter", ctx, base_model_name_or_path=config.model)
+    base = str(output_dir / "base") if loftq else config.model
+    adapter_dir = save_adapter_gathered(model, output_dir / "adapter", ctx, base_model_name_or_path=base)
 
     evals = trainer.metrics.series("eval_loss")
     summary = {
