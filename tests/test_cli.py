@@ -144,4 +144,5 @@ def test_adapter_for_another_model_is_refused(tiny, tmp_path, smol_tokenizer_dir
         )
         == 2
     )
-    assert "shape" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "shape" in err and f"made for {root / 'base'}, not for this model ({tmp_path / 'wide'})" in err

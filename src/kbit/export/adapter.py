@@ -216,6 +216,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, dtype: torch.dt
             )
 
     expected = adapter_state_dict(target)
+    made_for = config.get("base_model_name_or_path") or "an unnamed base model"
+    source = getattr(getattr(target, "kbit_load_config", None), "source", None)
+    this = source or getattr(getattr(target, "config", None), "_name_or_path", None) or type(target).__name__
+    other = f"the adapter was made for {made_for}, not for this model ({this})"
     loaded: dict[str, torch.Tensor] = {}
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
@@ -223,13 +227,13 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, dtype: torch.dt
             if name not in expected:
                 raise ValueError(
                     f"{weights}: {key!r} matches no LoRA layer or saved module of {type(target).__name__}; "
-                    "the adapter was made for another base model or other target_modules"
+                    f"{other}, or for other target_modules"
                 )
             tensor = f.get_tensor(key)
             if tensor.shape != expected[name].shape:
                 raise ValueError(
                     f"{weights}: {key!r} has shape {tuple(tensor.shape)} but the model's tensor has shape "
-                    f"{tuple(expected[name].shape)}; the adapter was made for another base model"
+                    f"{tuple(expected[name].shape)}; {other}"
                 )
             loaded[name] = tensor
     missing = sorted(set(expected) - set(loaded))
