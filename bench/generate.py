@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_memory import random_quantized_llama  # noqa: E402
+from train_memory import materialize_rest, random_quantized_llama  # noqa: E402
 
 ROWS: list[dict] = []
 
@@ -177,13 +177,7 @@ def bnb_model(config) -> nn.Module:
                                          blocksize=64).to("cuda")  # fmt: skip
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, q)
-    for mod in model.modules():  # embeddings, norms, head: still on meta
-        for pname, p in list(mod._parameters.items()):
-            if p is not None and p.is_meta:
-                t = torch.ones(p.shape, dtype=p.dtype, device="cuda")
-                mod._parameters[pname] = nn.Parameter(t.normal_(0, 0.02) if p.dim() == 2 else t, requires_grad=False)
-    with torch.device("cuda"):
-        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    materialize_rest(model, config)
     return model.eval()
 
 

@@ -40,7 +40,15 @@ def random_quantized_llama(preset: str, device: str = "cuda"):
             packed, state = quantize_4bit(w, "nf4", 64, True)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, Linear4bit.from_quantized(packed, state))
-    for mod in model.modules():  # what is still on meta: embeddings, norms, the head
+    materialize_rest(model, config, device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, config
+
+
+def materialize_rest(model: nn.Module, config, device: str = "cuda") -> None:
+    """Give what is still on meta (embeddings, norms, the head) real random values, and rebuild the rotary tables."""
+    for mod in model.modules():
         for pname, p in list(mod._parameters.items()):
             if p is not None and p.is_meta:
                 t = (
@@ -53,9 +61,6 @@ def random_quantized_llama(preset: str, device: str = "cuda"):
         model.tie_weights()
     with torch.device(device):  # the rotary tables were computed on meta: build them again for real
         model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, config
 
 
 def step_stats(model, batch: int, seq_len: int, steps: int, vocab: int) -> tuple[float, float]:

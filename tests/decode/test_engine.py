@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kbit_testing import TINY
 
 from kbit.decode import Decoder, decode, unsupported_reason
 from kbit.lora import add_lora, lora_layers
 from kbit.nn import Linear4bit
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
-
 
 def _model(family: str, seed: int = 0, **extra) -> torch.nn.Module:
     """A random tiny model of ``family`` with 2 KV heads (GQA), LoRA on every linear with a non-zero B."""
-    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cls = {
-        "llama": ("LlamaConfig", "LlamaForCausalLM"),
-        "mistral": ("MistralConfig", "MistralForCausalLM"),
-        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-    }[family]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, cls[0])(num_key_value_heads=2, **(TINY | extra))
-    model = getattr(transformers, cls[1])(cfg).eval()
+    cfg = AutoConfig.for_model(family, num_key_value_heads=2, **(TINY | extra))
+    model = AutoModelForCausalLM.from_config(cfg).eval()
     model.generation_config.eos_token_id = None  # decode the full length on both sides
     add_lora(model, r=4, alpha=8, dropout=0.0)
     for _, layer in lora_layers(model):

@@ -40,10 +40,9 @@ def unsupported_reason(model: nn.Module, length: int | None = None) -> str | Non
     family = getattr(cfg, "model_type", None)
     if family not in FAMILIES:
         return f"model family {family!r} is not one of {', '.join(FAMILIES)}"
-    window = getattr(cfg, "sliding_window", None)
-    if window and (family == "mistral" or getattr(cfg, "use_sliding_window", False)):
-        if length is None or length > window:  # the decoder attends to every cached position
-            return f"sliding-window attention (window {window}) over {length or 'any number of'} tokens"
+    window = _attention_window(cfg)
+    if window and (length is None or length > window):  # the decoder attends to every cached position
+        return f"sliding-window attention (window {window}) over {length or 'any number of'} tokens"
     rope = getattr(cfg, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in _STATIC_ROPE:
@@ -51,6 +50,14 @@ def unsupported_reason(model: nn.Module, length: int | None = None) -> str | Non
     body = getattr(model, "model", None)
     if body is None or not hasattr(body, "layers") or not hasattr(body, "rotary_emb"):
         return "the model has no .model.layers / .model.rotary_emb"
+    return None
+
+
+def _attention_window(cfg) -> int | None:
+    """The sliding attention window a model applies (Mistral's, or Qwen's when switched on), else None."""
+    window = getattr(cfg, "sliding_window", None)
+    if window and (cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)):
+        return window
     return None
 
 
@@ -270,9 +277,9 @@ def decoder_for(model: nn.Module, batch: int, max_len: int) -> Decoder:
     """
     limit = getattr(model.config, "max_position_embeddings", None) or max_len
     want = max(max_len, min(limit, -(-max_len // 256) * 256))
-    window = getattr(model.config, "sliding_window", None)
-    if window and unsupported_reason(model, want) and not unsupported_reason(model, max_len):
-        want = max_len  # rounding up would cross the attention window
+    window = _attention_window(model.config)
+    if window:
+        want = max(max_len, min(want, window))  # rounding up must not cross the attention window
     cached = getattr(model, "_kbit_decoder", None)
     if (
         cached is not None

@@ -89,6 +89,12 @@ def apply_fast_path(model: nn.Module) -> str:
     return line
 
 
+def uses_fused_loss(model: nn.Module) -> bool:
+    """True when ``model``'s forward computes the loss from hidden states in chunks (labels given, no logits)."""
+    hf = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return getattr(hf.forward, "__func__", None) is _fused_loss_forward
+
+
 # ---- RMSNorm ----
 
 

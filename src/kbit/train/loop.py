@@ -134,10 +134,10 @@ class Trainer:
         self.fast_path_line = ""
         self.fused_loss = False  # the model computes the summed loss from hidden states (no full logits)
         if cfg.fast_path if cfg.fast_path is not None else self.device.type == "cuda":
-            from ..models.patch import apply_fast_path
+            from ..models.patch import apply_fast_path, uses_fused_loss
 
             self.fast_path_line = apply_fast_path(model)
-            self.fused_loss = "cross-entropy" in self.fast_path_line
+            self.fused_loss = uses_fused_loss(model)
         # FSDP shards `model` in place (its parameters become DTensor shards); DDP returns a wrapper to call.
         self.forward_model, self.strategy = apply_strategy(model, self.dist, cfg.strategy, cfg.cpu_offload)
         self.params = [p for p in model.parameters() if p.requires_grad]

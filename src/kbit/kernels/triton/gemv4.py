@@ -1,6 +1,6 @@
-"""Triton kernel for decoding: ``y = x @ dequant(W)^T + b (+ s * (x A^T) B^T)`` for a few rows of ``x``.
+"""Triton kernel for decoding: ``y = x @ dequant(W)^T + b (+ s * (x A^T) B^T)`` for one row of ``x``.
 
-At decode time (1 to 16 tokens) a 4-bit linear is a matrix-vector product bound by reading the packed weight:
+At decode time (one token per sequence) a 4-bit linear is a matrix-vector product bound by reading the packed weight:
 half a byte per weight, so a separate dequantize pass (two more bytes written, two read) would cost five times the
 traffic. Here each program owns ``BLOCK_N`` output features, streams their packed rows once, one quantization block
 at a time, rebuilds each weight exactly as :func:`kbit.quant.dequantize_4bit` does (table value times the block scale
@@ -12,7 +12,7 @@ by every program) and each program adds ``s * xa B[n]^T`` for its features befor
 costs one extra launch instead of three and no extra pass over the output.
 
 One row only: a tensor-core variant for 2-16 rows was several times slower than dequantize-then-matmul on the H100
-(bench/README.md), so :func:`kbit.kernels.dispatch.gemv_4bit` takes that path for more rows.
+(bench/RESULTS.md), so :func:`kbit.kernels.dispatch.gemv_4bit` takes that path for more rows.
 """
 
 from __future__ import annotations
