@@ -5,8 +5,12 @@ fp32 parameters) and full tuning of a Llama-3.2-1B-shaped model (1.24B fp32 para
 optimizer gets the same parameters and fixed random gradients; "state held" is the GPU memory still allocated
 after a step beyond parameters and gradients (bitsandbytes' paged states are CUDA managed memory, which
 torch's allocator does not count), "peak" the most allocated during a step, "time" the mean of timed steps
-with the device synchronised after the last one. Also measured: pinned host <-> GPU copy bandwidth, the floor
-for a paged step (its state crosses the link twice).
+with the device synchronised after the last one. Where the time goes: "host" is how long ``step()`` takes to
+return (the CPU enqueueing the step's work; when it is close to the step time the step is bound by the host,
+not the GPU), "synced" the time of a step followed by a device synchronise (one step alone, nothing
+overlapping the previous or next one). Also measured: pinned host <-> GPU copy bandwidth, the floor for a
+paged step (its state crosses the link twice), and kbit's paged 8-bit optimizer with other staging set-ups and
+with ``transfer="mapped"`` (no copies: the kernel works on the pinned host state in place).
 
     python3 bench/optim_step.py [--case lora|1b|all] [--json out.json]
 """
@@ -21,7 +25,8 @@ from collections.abc import Callable
 
 import torch
 
-from kbit.optim import build_optimizer
+from kbit.optim import PagedAdamW8bit, build_optimizer
+from kbit.optim.flat import blocks_of
 
 MiB = 1 << 20
 
@@ -64,6 +69,14 @@ def optimizers() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimiz
     import bitsandbytes as bnb
 
     kw = dict(lr=1e-5, weight_decay=0.0)
+
+    def paged(sets: int, chunks: int) -> Callable[[list[torch.Tensor]], torch.optim.Optimizer]:
+        def make(ps: list[torch.Tensor]) -> torch.optim.Optimizer:
+            blocks = -(-sum(blocks_of(p.numel()) for p in ps) // chunks)
+            return PagedAdamW8bit(ps, chunk_blocks=blocks, staging_sets=sets, **kw)
+
+        return make
+
     return {
         "torch AdamW (fused)": lambda ps: torch.optim.AdamW(ps, fused=True, **kw),
         "bnb AdamW8bit": lambda ps: bnb.optim.AdamW8bit(ps, **kw),
@@ -72,11 +85,16 @@ def optimizers() -> dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimiz
         "kbit adamw_8bit": lambda ps: build_optimizer("adamw_8bit", ps, **kw),
         "kbit paged_adamw_8bit": lambda ps: build_optimizer("paged_adamw_8bit", ps, **kw),
         "kbit paged_adamw": lambda ps: build_optimizer("paged_adamw", ps, **kw),
+        # the default is 2 staging sets of 1/24 of the state; more, smaller chunks overlap more but cost the host more
+        "kbit paged_adamw_8bit, 3 sets of 1/36": paged(3, 36),
+        "kbit paged_adamw_8bit, 3 sets of 1/32": paged(3, 32),
+        # no staging: the kernel reads and writes the pinned host state in place, one launch
+        "kbit paged_adamw_8bit, mapped": lambda ps: PagedAdamW8bit(ps, transfer="mapped", **kw),
     }
 
 
 def measure(make: Callable, params: list[torch.Tensor], warmup: int, steps: int) -> dict:
-    """State held and peak (MiB) and mean step time (ms) of one optimizer."""
+    """State held and peak (MiB), mean step time, host time per step and synced step time (ms) of one optimizer."""
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.synchronize()
@@ -90,15 +108,27 @@ def measure(make: Callable, params: list[torch.Tensor], warmup: int, steps: int)
         opt.step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
+    host = 0.0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        h0 = time.perf_counter()
+        opt.step()
+        host += time.perf_counter() - h0  # until step() returns: the host's share, GPU work may still run
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) / steps * 1e3
     t0 = time.perf_counter()
     for _ in range(steps):
         opt.step()
-    torch.cuda.synchronize()
-    ms = (time.perf_counter() - t0) / steps * 1e3
+        torch.cuda.synchronize()
+    synced = (time.perf_counter() - t0) / steps * 1e3
+    # launches (chunks) per step of kbit's fused optimizers: each costs the host a launch (and, paged, copies)
+    chunks = sum(len(b.layout.chunks) for b in getattr(opt, "_buckets", {}).values())
     del opt
     gc.collect()
     torch.cuda.empty_cache()
-    return dict(ms=ms, held_mib=held / MiB, peak_mib=peak / MiB)
+    return dict(
+        ms=ms, held_mib=held / MiB, peak_mib=peak / MiB, host_ms=host / steps * 1e3, synced_ms=synced, chunks=chunks
+    )
 
 
 def link_bandwidth(nbytes: int = 256 * MiB) -> dict:
@@ -135,7 +165,8 @@ def run_case(name: str, shapes: list[tuple[int, ...]], warmup: int, steps: int, 
     n = sum(p.numel() for p in params)
     print(f"\n## {name}: {len(params)} tensors, {n / 1e6:.1f}M fp32 parameters, {warmup} warm-up + {steps} timed steps")
     print(
-        "| optimizer | step ms | state held on GPU MiB | peak extra in step MiB |\n|---|---|---|---|",
+        "| optimizer | step ms | state held on GPU MiB | peak extra in step MiB | host ms | synced step ms |\n"
+        "|---|---|---|---|---|---|",
         flush=True,
     )
     rows = {}
@@ -144,15 +175,19 @@ def run_case(name: str, shapes: list[tuple[int, ...]], warmup: int, steps: int, 
             continue
         if "Paged" in label and torch.cuda.mem_get_info()[0] < 4 * n:
             # bitsandbytes' paged states are managed memory: never ask for more than the GPU has free.
-            print(f"| {label} | skipped: less free GPU memory than twice its managed state | | |", flush=True)
+            print(f"| {label} | skipped: less free GPU memory than twice its managed state | | | | |", flush=True)
             continue
         try:
             r = measure(make, params, warmup, steps)
         except Exception as err:  # report and go on: one optimizer's failure must not lose the others' numbers
-            print(f"| {label} | failed: {type(err).__name__}: {str(err)[:200]} | | |", flush=True)
+            print(f"| {label} | failed: {type(err).__name__}: {str(err)[:200]} | | | | |", flush=True)
             continue
         rows[label] = r
-        print(f"| {label} | {r['ms']:.2f} | {r['held_mib']:.1f} | {r['peak_mib']:.1f} |", flush=True)
+        print(
+            f"| {label} | {r['ms']:.2f} | {r['held_mib']:.1f} | {r['peak_mib']:.1f} | {r['host_ms']:.2f}"
+            f" | {r['synced_ms']:.2f} |",
+            flush=True,
+        )
     state8 = 2 * n + 8 * sum(-(-p.numel() // 256) for p in params)
     del params
     return dict(tensors=len(shapes), params=n, state8_mib=state8 / MiB, rows=rows)
@@ -175,6 +210,15 @@ def targets(case: dict, link: dict) -> None:
         f" duplex): {floor_ms:.2f} ms; kbit paged step {kp['ms']:.2f} ms",
         flush=True,
     )
+    for label, x in r.items():
+        if not label.startswith("kbit") or not x["chunks"]:
+            continue
+        bound = "host" if x["host_ms"] > 0.8 * x["ms"] else "GPU"
+        line = f"- {label}: step() returns after {x['host_ms']:.2f} ms of a {x['ms']:.2f} ms step ({bound}-bound)"
+        if x["chunks"] > 1:  # what each chunk adds to the unpaged step's host work
+            per = (x["host_ms"] - k8["host_ms"]) / (x["chunks"] - 1) * 1e3
+            line += f", {x['chunks']} chunks, {per:.0f} us of host work per extra chunk"
+        print(line)
 
 
 def main() -> None:
@@ -194,8 +238,10 @@ def main() -> None:
         out["lora"] = run_case("Llama-3-8B LoRA r=16, all linears", lora_shapes(), 3, 20, set())
         targets(out["lora"], link)
     if args.case in ("1b", "all"):
-        # The fp32 paged AdamW would pin 10 GB of host memory here; it is measured on the LoRA case only.
-        out["1b"] = run_case("Llama-3.2-1B full tuning", llama_1b_shapes(), 2, 5, {"kbit paged_adamw"})
+        # The fp32 paged AdamW would pin 10 GB of host memory here; it and the staging variants are measured on
+        # the LoRA case only.
+        skip = {k for k in optimizers() if k == "kbit paged_adamw" or " sets of " in k}
+        out["1b"] = run_case("Llama-3.2-1B full tuning", llama_1b_shapes(), 2, 5, skip)
         targets(out["1b"], link)
     if args.json:
         with open(args.json, "w") as f:

@@ -12,7 +12,11 @@ and ``_optimizer_update_32bit_cpu``), so on the CPU kbit's steps equal bitsandby
 with c1 = 1 - b1^t, c2 = sqrt(1 - b2^t). On CUDA the 8-bit tensors of each dtype are updated by one Triton
 launch over flat state buffers (:mod:`kbit.optim.flat`, :mod:`kbit.kernels.triton.adamw8bit`); the float32
 ones by ``torch._foreach`` ops. ``state[p]`` holds ``step``, ``state1``, ``state2`` (and ``absmax1``,
-``absmax2``) named and shaped as in bitsandbytes; ``state_dict()`` returns standalone copies."""
+``absmax2``) named and shaped as in bitsandbytes; ``state_dict()`` returns standalone copies.
+
+What depends only on the parameter set (which tensors, which have gradients, their grouping by step, the flat
+buffers and kernel tables) is built when that set changes (:mod:`kbit.optim.plan`, :mod:`kbit.optim.fused`);
+a step reads each ``.grad``, counts steps and enqueues the launch, without waiting for the GPU."""
 
 from __future__ import annotations
 
@@ -25,22 +29,11 @@ import torch
 from ..kernels.dispatch import use_triton
 from ..quant.blockwise8 import dequantize_blockwise, quantize_blockwise
 from ..quant.codebooks import dynamic_map, lut_8bit
-from .flat import (
-    BLOCK,
-    Chunk,
-    FlatStates,
-    blocks_of,
-    build_layout,
-    param_table,
-    scalar_row,
-    standalone_state_dict,
-    synchronize,
-    to_device,
-)
+from .flat import BLOCK, FlatStates, blocks_of, build_layout, standalone_state_dict, synchronize
+from .fused import FusedUpdate
+from .plan import Batch, ParamSet, groups_key
 
 MIN_8BIT_SIZE = 4096
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-STATE8_NAMES = ("state1", "state2", "absmax1", "absmax2")
 STATE8_SPECS = {
     "state1": (torch.uint8, True),
     "state2": (torch.uint8, True),
@@ -59,25 +52,6 @@ def check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, wei
         raise ValueError(f"eps must be >= 0, got {eps}")
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-
-
-def params_with_grad(optimizer: torch.optim.Optimizer) -> list[tuple[dict, torch.Tensor]]:
-    """(group, param) for every parameter with a gradient; raises on sparse gradients and mixed devices."""
-    name = type(optimizer).__name__
-    out, devices = [], {}
-    for gi, group in enumerate(optimizer.param_groups):
-        for pi, p in enumerate(group["params"]):
-            if p.grad is None:
-                continue
-            where = f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{name} does not support sparse gradients ({where}); use dense ones")
-            devices.setdefault(p.device, where)
-            out.append((group, p))
-    if len(devices) > 1:
-        found = ", ".join(f"{d} ({w})" for d, w in devices.items())
-        raise RuntimeError(f"{name} needs all parameters on one device, found {found}; move the model first")
-    return out
 
 
 def adamw8bit_update_(
@@ -141,104 +115,6 @@ def adam32_update_(
             p.copy_(q)
 
 
-class DeviceStates:
-    """Flat 8-bit states of one parameter dtype kept on the GPU: the whole layout is one chunk, one launch."""
-
-    def __init__(self, params: list[torch.Tensor], device: torch.device, specs: dict):
-        """Zero-initialised buffers for ``params`` on ``device``."""
-        self.flat = FlatStates(build_layout(params, device), specs, device)
-
-    def run(self, launch: Callable[[dict[str, torch.Tensor], Chunk], None]) -> None:
-        """Call ``launch(buffers, chunk)`` once for the single chunk."""
-        launch(self.flat.buffers, self.flat.layout.chunks[0])
-
-    def synchronize(self) -> None:
-        """Nothing is in flight outside the current stream."""
-
-
-def rebuild_buckets(
-    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], new_bucket: Callable
-) -> dict[torch.dtype, DeviceStates]:
-    """Flat state buckets (one per parameter dtype) for ``params``, holding the state they already have."""
-    for b in getattr(optimizer, "_buckets", {}).values():
-        b.synchronize()  # paged: the host copies of the old buffers must be complete before they are read
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
-    for p in params:
-        if p.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{type(optimizer).__name__} updates {FLOAT_DTYPES} parameters, got {p.dtype}")
-        by_dtype[p.dtype].append(p)
-    buckets = {dt: new_bucket(ps, ps[0].device) for dt, ps in by_dtype.items()}
-    for bucket in buckets.values():
-        bucket.flat.adopt([optimizer.state[p] for p in bucket.flat.layout.params])
-    return buckets
-
-
-def fused_step(
-    buckets: dict[torch.dtype, DeviceStates],
-    active: list[tuple[dict, torch.Tensor]],
-    steps: dict[int, int],
-    tables: tuple[torch.Tensor, ...] | None,
-    names: tuple[str, str, str | None, str | None],
-) -> None:
-    """One AdamW step of the bucket parameters in ``active`` (steps already counted), one launch a chunk.
-
-    ``tables`` (maps, bin tables) selects 8-bit states in bitsandbytes' order; None, moments in torch's order.
-    """
-    from ..kernels.triton.adamw8bit import adamw_tiles
-
-    group_of = {id(p): g for g, p in active}
-    for dtype, bucket in buckets.items():
-        layout = bucket.flat.layout
-        device = layout.tiles.device
-        rows: dict[tuple[int, int], int] = {}
-        scalars, row_of, grads = [], [], []
-        for p in layout.params:
-            group = group_of.get(id(p))
-            if group is None:  # no gradient this step: the kernel skips the parameter
-                grads.append(None)
-                row_of.append(0)
-                continue
-            if not (p.is_contiguous() and p.grad.is_contiguous()) or p.grad.dtype != dtype:
-                raise RuntimeError(
-                    f"the fused AdamW needs contiguous parameters with gradients of their dtype"
-                    f" (shape {tuple(p.shape)}, {p.dtype}, gradient {p.grad.dtype})"
-                )
-            grads.append(p.grad)
-            key = (id(group), steps[id(p)])
-            if key not in rows:
-                rows[key] = len(scalars)
-                hp = (group["betas"], group["eps"], group["lr"], group["weight_decay"])
-                scalars.append(scalar_row(*hp, key[1], torch_order=tables is None))
-            row_of.append(rows[key])
-        if not scalars:
-            continue
-        ptable = param_table(layout, grads, row_of, device)
-        stable = to_device(torch.tensor(scalars, dtype=torch.float32), device)
-
-        def launch(
-            bufs: dict[str, torch.Tensor],
-            chunk: Chunk,
-            layout=layout,
-            ptable=ptable,
-            stable=stable,
-            dtype=dtype,
-        ):
-            states = tuple(bufs[n] if n is not None else None for n in names)
-            adamw_tiles(
-                layout.tiles,
-                ptable,
-                stable,
-                states,
-                tables,
-                dtype,
-                tile0=chunk.tile0,
-                ntiles=chunk.tile1 - chunk.tile0,
-                blk_base=chunk.block0,
-            )
-
-        bucket.run(launch)
-
-
 class AdamW8bit(torch.optim.Optimizer):
     """AdamW with 8-bit blockwise moments (bitsandbytes' AdamW8bit); float32 ones under 4,096 elements."""
 
@@ -254,8 +130,20 @@ class AdamW8bit(torch.optim.Optimizer):
         check_hyperparameters(lr, betas, eps, weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.min_8bit_size = int(min_8bit_size)
-        self._buckets: dict[torch.dtype, DeviceStates] = {}  # fused path: flat states per parameter dtype
         self._codes: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self._reset_plan()
+
+    def _reset_plan(self) -> None:
+        # Everything below depends only on the parameter set; rebuilt when it changes (see kbit.optim.plan).
+        self._params: ParamSet | None = None
+        self._fusion: FusedUpdate | None = None  # fused path: flat 8-bit states per parameter dtype
+        self._use_fused = False
+        self._small: list[tuple[Batch, list[int]]] = []  # float32-state parameters of each batch
+        self._large: list[tuple[Batch, list[int]]] = []  # 8-bit ones (reference path)
+
+    @property
+    def _buckets(self) -> dict:
+        return self._fusion.buckets if self._fusion is not None else {}
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """(signed map, unsigned map, signed bin->code table, unsigned table) on ``device``, cached."""
@@ -280,8 +168,30 @@ class AdamW8bit(torch.optim.Optimizer):
     def _fused(self, p: torch.Tensor) -> bool:
         return use_triton(p)
 
-    def _new_bucket(self, params: list[torch.Tensor], device: torch.device) -> DeviceStates:
-        return DeviceStates(params, device, STATE8_SPECS)
+    def _new_bucket(self, params: list[torch.Tensor], device: torch.device) -> FlatStates:
+        return FlatStates(build_layout(params, device), STATE8_SPECS, device)
+
+    def _param_set(self) -> ParamSet:
+        """The cached parameter set, rebuilt when the param groups (or their parameters) changed."""
+        if self._params is None or self._params.key != groups_key(self.param_groups):
+            fusion = self._fusion  # its buckets hold the 8-bit state: kept across a change of the groups
+            self._reset_plan()
+            self._fusion = fusion
+            self._params = ParamSet(self)
+        return self._params
+
+    def _activate(self, ps: ParamSet) -> None:
+        """The set of parameters with gradients changed: initialise state, regroup, (re)build the buckets."""
+        first = ps.first_with_grad()
+        self._use_fused = first is not None and self._fused(first)
+        ps.activate(self.state, self._init_state, lambda s: s["step"], contiguous=self._use_fused)
+        small = {i for i in ps.active if ps.params[i].numel() < self.min_8bit_size}
+        self._small = [(b, idx) for b in ps.batches if (idx := [i for i in b.indices if i in small])]
+        self._large = [(b, idx) for b in ps.batches if (idx := [i for i in b.indices if i not in small])]
+        if self._use_fused and self._large:
+            if self._fusion is None:
+                self._fusion = FusedUpdate(self._new_bucket, self._tables(first.device), torch_order=False)
+            self._fusion.activate(self, ps, [i for _, idx in self._large for i in idx])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -290,50 +200,33 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        active = params_with_grad(self)
-        if not active:
-            return loss
-        for _, p in active:
-            if not self.state[p]:
-                self._init_state(p)
-            self.state[p]["step"] += 1
-        small = [(g, p) for g, p in active if p.numel() < self.min_8bit_size]
-        large = [(g, p) for g, p in active if p.numel() >= self.min_8bit_size]
-        if self._fused(active[0][1]):
-            self._step_fused(large)
+        ps = self._param_set()
+        if ps.refresh():
+            try:
+                self._activate(ps)
+            except BaseException:
+                self._params = None  # half-built: start over at the next step
+                raise
         else:
-            code1, code2, _, _ = self._tables(active[0][1].device)
-            for group, p in large:
-                adamw8bit_update_(p, p.grad, self.state[p], group, code1, code2)
-        self._step_small(small)
+            ps.advance()
+        if not ps.active:
+            return loss
+        for s in ps.states:
+            s["step"] += 1
+        if self._use_fused:
+            if self._large:
+                self._fusion.step(ps)
+        else:
+            code1, code2, _, _ = self._tables(ps.params[ps.active[0]].device)
+            for batch, idx in self._large:
+                for i in idx:
+                    p = ps.params[i]
+                    adamw8bit_update_(p, ps.grads[i], self.state[p], batch.group, code1, code2)
+        for batch, idx in self._small:
+            params = [ps.params[i] for i in idx]
+            grads = [ps.grads[i] for i in idx]
+            adam32_update_(params, grads, [self.state[p] for p in params], batch.group, batch.step)
         return loss
-
-    def _step_small(self, small: list[tuple[dict, torch.Tensor]]) -> None:
-        # One batch of foreach ops per (group, step): the scalars are shared by the batch.
-        batches: dict[tuple[int, int], list[torch.Tensor]] = defaultdict(list)
-        groups = {}
-        for group, p in small:
-            key = (id(group), self.state[p]["step"])
-            groups[key] = group
-            batches[key].append(p)
-        for key, ps in batches.items():
-            adam32_update_(ps, [p.grad for p in ps], [self.state[p] for p in ps], groups[key], key[1])
-
-    def _sync_buckets(self, large: list[tuple[dict, torch.Tensor]]) -> None:
-        """(Re)build the flat buffers when a parameter needs 8-bit state that they do not hold yet."""
-        held = {id(p) for b in self._buckets.values() for p in b.flat.layout.params}
-        if all(id(p) in held for _, p in large):
-            return
-        needed = {id(p) for _, p in large} | held
-        params = [p for g in self.param_groups for p in g["params"] if id(p) in needed]
-        self._buckets = rebuild_buckets(self, params, self._new_bucket)
-
-    def _step_fused(self, large: list[tuple[dict, torch.Tensor]]) -> None:
-        if not large:
-            return
-        self._sync_buckets(large)
-        tables = self._tables(large[0][1].device)
-        fused_step(self._buckets, large, {id(p): self.state[p]["step"] for _, p in large}, tables, STATE8_NAMES)
 
     def state_dict(self) -> dict:
         """torch's optimizer state dict, every state tensor a standalone copy (not a view of flat buffers)."""
@@ -342,7 +235,7 @@ class AdamW8bit(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state dict of :meth:`state_dict` (or bitsandbytes' AdamW8bit) without casting any state."""
         synchronize(self._buckets)
-        self._buckets = {}
+        self._reset_plan()
         saved = state_dict["state"]
         # torch's loader would cast uint8 codes and fp32 absmax to the parameter dtype: load groups only.
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})

@@ -3,9 +3,13 @@
 Why: one kernel launch per parameter costs launch and Python overhead per tensor (bitsandbytes' AdamW8bit
 spends ~39 ms a step on the 448 LoRA tensors of Llama-3-8B, almost all of it overhead); one launch over all of
 them pays it once. Each parameter's segment starts on a 256-element block, so global block ``j`` is absmax
-entry ``j`` and elements ``[256 j, 256 j + 256)`` of every buffer, and a run of consecutive tiles is one
-contiguous range of every buffer: the piece the paged optimizer copies to the GPU with one ``memcpy`` per
-buffer.
+entry ``j`` and elements ``[256 j, 256 j + 256)`` of every buffer.
+
+Chunks (for the paged optimizer) are runs of consecutive tiles. They hold whole parameters, packed up to the
+chunk size; a parameter larger than a chunk is cut at tile boundaries into chunks of its own. A *region* is
+the block range whose state the paged optimizer stores contiguously: a chunk of whole parameters, or one large
+parameter (all its chunks). So every parameter's state lies in one region, and a chunk of whole parameters is
+one contiguous host range: one copy each way.
 
 The optimizer's ``state[p]`` entries are views into these buffers, shaped as bitsandbytes shapes them
 (``state1`` like the parameter, ``absmax1`` one float per block), so inspecting or saving them needs no
@@ -25,27 +29,29 @@ TILE_BLOCKS = 4  # must equal the kernel's R (kbit.kernels.triton.adamw8bit.TILE
 
 @dataclass(frozen=True)
 class Chunk:
-    """Tiles ``[tile0, tile1)``, covering global blocks ``[block0, block1)``."""
+    """Tiles ``[tile0, tile1)``, covering global blocks ``[block0, block1)``, inside region ``region``."""
 
     tile0: int
     tile1: int
     block0: int
     block1: int
+    region: int = 0
 
 
 @dataclass
 class FlatLayout:
-    """Where each parameter's state lives in the flat buffers, and the tiles that cover them."""
+    """Where each parameter's state lives in the flat buffers, and the tiles and chunks that cover them."""
 
     params: list[torch.Tensor]
     first_block: list[int]  # first global block of each parameter
     nblocks: int
     tiles: torch.Tensor  # int32 [ntiles, 2]: (parameter index, first block inside the parameter), on the device
     chunks: list[Chunk]
+    regions: list[tuple[int, int]]  # [block0, block1) of each region, in order, covering every block once
 
     @property
     def max_chunk_blocks(self) -> int:
-        """Blocks in the largest chunk (what a staging buffer must hold)."""
+        """Blocks in the largest chunk."""
         return max(c.block1 - c.block0 for c in self.chunks)
 
 
@@ -54,34 +60,67 @@ def blocks_of(numel: int) -> int:
     return -(-numel // BLOCK)
 
 
+def _pack(nb: list[int], first: list[int], tile_start: list[int], cap: int) -> tuple[list[Chunk], list]:
+    """Chunks of whole parameters up to ``cap`` blocks; a larger parameter cut into tile-aligned chunks."""
+    chunks: list[Chunk] = []
+    regions: list[tuple[int, int]] = []
+    cap_tiles = max(cap // TILE_BLOCKS, 1)  # a piece of a large parameter: whole tiles, within the cap
+    a, size = 0, 0  # current packed chunk: parameters [a, i), size blocks
+
+    def close(b: int) -> None:
+        if b > a:
+            regions.append((first[a], first[b - 1] + nb[b - 1]))
+            chunks.append(Chunk(tile_start[a], tile_start[b], *regions[-1], len(regions) - 1))
+
+    for i, n in enumerate(nb):
+        if n > cap:
+            close(i)
+            regions.append((first[i], first[i] + n))
+            ntiles = -(-n // TILE_BLOCKS)
+            pieces = -(-ntiles // cap_tiles)
+            for j in range(pieces):  # tiles spread evenly over the pieces
+                t0, t1 = j * ntiles // pieces, (j + 1) * ntiles // pieces
+                lo, hi = t0 * TILE_BLOCKS, min(t1 * TILE_BLOCKS, n)
+                chunks.append(
+                    Chunk(tile_start[i] + t0, tile_start[i] + t1, first[i] + lo, first[i] + hi, len(regions) - 1)
+                )
+            a, size = i + 1, 0
+        elif size + n > cap:
+            close(i)
+            a, size = i, n
+        else:
+            size += n
+    close(len(nb))
+    return chunks, regions
+
+
 def build_layout(params: Sequence[torch.Tensor], device: torch.device, chunk_blocks: int | None = None) -> FlatLayout:
-    """Lay ``params`` out back to back in 256-blocks; tile them; cut the tiles into chunks of
-    ~``chunk_blocks``."""
-    nb = torch.tensor([blocks_of(p.numel()) for p in params], dtype=torch.int64)
-    first = torch.cumsum(nb, 0) - nb
-    ntiles = -(-nb // TILE_BLOCKS)
+    """Lay ``params`` out back to back in 256-blocks and tile them; one chunk, or chunks of at most
+    ``chunk_blocks`` blocks (see the module docstring)."""
+    nb = [blocks_of(p.numel()) for p in params]
+    nb_t = torch.tensor(nb, dtype=torch.int64)
+    first_t = torch.cumsum(nb_t, 0) - nb_t
+    ntiles = -(-nb_t // TILE_BLOCKS)
     owner = torch.repeat_interleave(torch.arange(len(params)), ntiles)  # [T] parameter of each tile
-    tile_start = torch.cumsum(ntiles, 0) - ntiles
-    local = (torch.arange(int(ntiles.sum())) - tile_start[owner]) * TILE_BLOCKS  # first block inside the param
-    gstart = first[owner] + local  # first global block of each tile
-    gend = first[owner] + torch.minimum(local + TILE_BLOCKS, nb[owner])
-    total = int(nb.sum())
+    tile_start_t = torch.cumsum(ntiles, 0) - ntiles
+    local = (torch.arange(int(ntiles.sum())) - tile_start_t[owner]) * TILE_BLOCKS  # first block inside the param
+    total = sum(nb)
+    first = first_t.tolist()
     if chunk_blocks is None or chunk_blocks >= total:
-        chunks = [Chunk(0, len(owner), 0, total)]
+        chunks, regions = [Chunk(0, len(owner), 0, total, 0)], [(0, total)]
     else:
-        # A tile belongs to the chunk its first block falls in, so a chunk spans at most chunk_blocks + R -
-        # 1 blocks.
-        _, counts = torch.unique_consecutive(gstart // chunk_blocks, return_counts=True)
-        ends = torch.cumsum(counts, 0).tolist()
-        starts = [0] + ends[:-1]
-        chunks = [Chunk(a, b, int(gstart[a]), int(gend[b - 1])) for a, b in zip(starts, ends, strict=True)]
+        chunks, regions = _pack(nb, first, tile_start_t.tolist() + [len(owner)], chunk_blocks)
     tiles = torch.stack([owner, local], 1).to(torch.int32).to(device)
-    return FlatLayout(list(params), first.tolist(), total, tiles, chunks)
+    return FlatLayout(list(params), first, total, tiles, chunks, regions)
 
 
 class FlatStates:
-    """Zero-initialised flat buffers ``{name: tensor}`` for a layout; per-block buffers hold one value a
-    block."""
+    """Zero-initialised flat buffers ``{name: tensor}`` for a layout; per-block buffers hold one value a block.
+    The whole layout is one chunk: one launch a step.
+
+    ``pinned``: the buffers live in page-locked host memory and the kernel reads and writes them there, over the
+    host link (CUDA maps every ``cudaHostAlloc`` allocation into the GPU's address space): the paged
+    optimizers' ``transfer="mapped"``, which holds no state on the GPU and needs no copies or staging."""
 
     def __init__(
         self,
@@ -90,60 +129,86 @@ class FlatStates:
         device: torch.device,
         pinned: bool = False,
     ):
-        """``specs[name] = (dtype, per_element)``; ``pinned`` puts the buffers in page-locked host memory."""
+        """``specs[name] = (dtype, per_element)``, in the kernel's order of state arguments."""
         self.layout = layout
+        self.device = device
+        self.pinned = pinned
         self.per_element = {name: per_el for name, (_, per_el) in specs.items()}
         where = dict(device="cpu", pin_memory=True) if pinned else dict(device=device)
         self.buffers = {
             name: torch.zeros(layout.nblocks * (BLOCK if per_el else 1), dtype=dtype, **where)
             for name, (dtype, per_el) in specs.items()
         }
+        self.states = tuple(self.buffers.values())
 
     def view(self, name: str, i: int) -> torch.Tensor:
-        """Parameter ``i``'s part of buffer ``name``: shaped like the parameter, or [blocks] for per-block
-        ones."""
+        """Parameter ``i``'s part of buffer ``name``: shaped like the parameter, or [blocks] for per-block ones."""
         p = self.layout.params[i]
         b0 = self.layout.first_block[i]
         if self.per_element[name]:
             return self.buffers[name][b0 * BLOCK : b0 * BLOCK + p.numel()].view(p.shape)
         return self.buffers[name][b0 : b0 + blocks_of(p.numel())]
 
-    def adopt(self, states: Sequence[dict]) -> None:
-        """Copy any tensors already in ``states[i]`` into the buffers, then make ``states[i][name]`` the
-        views."""
-        for i, state in enumerate(states):
-            for name in self.buffers:
-                view = self.view(name, i)
-                old = state.get(name)
-                if old is not None:
-                    if old.numel() != view.numel():
-                        raise ValueError(
-                            f"optimizer state {name!r} of a parameter of shape"
-                            f" {tuple(self.layout.params[i].shape)}"
-                            f" has {old.numel()} elements, expected {view.numel()}: the state dict does not"
-                            " belong to these parameters"
-                        )
-                    view.copy_(old.reshape(view.shape))
-                state[name] = view
+    def run(self, launch) -> None:
+        """``launch(states, chunk)`` once, on the buffers themselves."""
+        launch(self.states, self.layout.chunks[0])
+
+    def synchronize(self) -> None:
+        """Wait for the kernels writing host buffers (device buffers need no wait: users read them in order)."""
+        if self.pinned and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
-def param_table(
-    layout: FlatLayout, grads: Sequence[torch.Tensor | None], rows: Sequence[int], device: torch.device
-) -> torch.Tensor:
-    """int64 [n, 5] (param address, grad address or 0 = skip, numel, first block, scalar row) on
-    ``device``."""
-    data = [
-        [p.data_ptr(), 0 if g is None else g.data_ptr(), p.numel(), b, r]
-        for p, g, b, r in zip(layout.params, grads, layout.first_block, rows, strict=True)
-    ]
-    return to_device(torch.tensor(data, dtype=torch.int64), device)
+def adopt(storage, states: Sequence[dict]) -> None:
+    """Copy the tensors already in ``states[i]`` into ``storage`` (FlatStates or PagedStates), then make
+    ``states[i][name]`` its views."""
+    for i, state in enumerate(states):
+        for name in storage.per_element:
+            view = storage.view(name, i)
+            old = state.get(name)
+            if old is not None:
+                if old.numel() != view.numel():
+                    raise ValueError(
+                        f"optimizer state {name!r} of a parameter of shape {tuple(storage.layout.params[i].shape)}"
+                        f" has {old.numel()} elements, expected {view.numel()}: the state dict does not belong to"
+                        " these parameters"
+                    )
+                view.copy_(old.reshape(view.shape))
+            state[name] = view
 
 
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small host table to ``device`` without blocking (through pinned memory when it is a GPU)."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)  # the host allocator keeps it until the copy is done
+def upload_into(dst: torch.Tensor, host: torch.Tensor) -> None:
+    """Copy a small host table into ``dst`` on the current stream without blocking the host."""
+    if dst.device.type != "cuda":
+        dst.copy_(host)
+        return
+    # A pinned copy from torch's caching host allocator: kept alive (not reused) until the copy has run.
+    dst.copy_(host.pin_memory(), non_blocking=True)
+
+
+class ParamTable:
+    """The kernel's int64 [n, 5] parameter table on the device: (param address, grad address or 0 = skip, numel,
+    first block, scalar row). Uploaded again only when an address or a row changes."""
+
+    def __init__(self, layout: FlatLayout, device: torch.device):
+        """Static columns from ``layout``; the rest are filled by :meth:`update`."""
+        n = len(layout.params)
+        self.host = torch.zeros(n, 5, dtype=torch.int64)
+        self.host[:, 2] = torch.tensor([p.numel() for p in layout.params], dtype=torch.int64)
+        self.host[:, 3] = torch.tensor(layout.first_block, dtype=torch.int64)
+        self.table = torch.zeros(n, 5, dtype=torch.int64, device=device)
+        self.key: tuple | None = None
+
+    def update(self, pptrs: tuple[int, ...], gptrs: tuple[int, ...], rows: tuple[int, ...]) -> None:
+        """Set the address and row columns; copies to the device only if they changed since the last call."""
+        key = (pptrs, gptrs, rows)
+        if key == self.key:
+            return
+        self.host[:, 0] = torch.tensor(pptrs, dtype=torch.int64)
+        self.host[:, 1] = torch.tensor(gptrs, dtype=torch.int64)
+        self.host[:, 4] = torch.tensor(rows, dtype=torch.int64)
+        upload_into(self.table, self.host)
+        self.key = key
 
 
 def scalar_row(

@@ -42,8 +42,8 @@ from .rounding import INTERPRET, abs_max_rows, add_rn, div_rn, fma_rn, mul_rn, r
 BLOCK = 256  # elements per quantization block (bitsandbytes' optimizer blocksize)
 TILE_BLOCKS = 4  # blocks per program: 1,024 elements, 8 per thread with 4 warps
 WARPS = 4
-N_SCALARS = 8  # columns of the scalar table (kbit.optim.flat.scalar_table)
-N_PARAM_COLS = 5  # columns of the parameter table, see kbit.optim.flat.param_table
+N_SCALARS = 8  # columns of the scalar table (kbit.optim.flat.scalar_row)
+N_PARAM_COLS = 5  # columns of the parameter table, see kbit.optim.flat.ParamTable
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
