@@ -2,6 +2,7 @@
 
     python3 bench/train_step.py                                   # Llama-3-8B shape, batches 1 4 8 x 2048
     python3 bench/train_step.py --peers seed tuned tuned-liger unsloth
+    python3 bench/train_step.py --modes fast-full fast-auto fast-offload fast-memory   # the memory plans
     python3 bench/train_step.py --device cpu --preset tiny --batches 1 --seq-len 64 --steps 2   # smoke test
 
 Model: bench/train_memory.py's random Llama of the preset's shape (NF4 + double quant built directly on the device,
@@ -12,6 +13,11 @@ position. kbit modes (one process, in this order, since the fast path patches th
   fast-full       apply_fast_path (fused RMSNorm/SwiGLU/RoPE, chunked LM-head cross-entropy), full checkpointing
   fast-selective  the same, selective checkpointing (matmul and attention outputs kept, elementwise recomputed)
   fast-none       the same, no checkpointing (the most memory)
+  fast-auto       the same, memory plan "speed" chosen per batch size from the free GPU memory (kbit.models.memory_plan:
+                  as many layers as fit keep their activations, the rest recompute; the plan line is printed)
+  fast-offload    the same, every layer recomputed from its input offloaded to pinned CPU memory (memory plan "memory")
+  fast-memory     fast-offload with the input embedding table in CPU memory too (offload_input_embeddings; the
+                  ids are looked up on the CPU and the rows copied over; it cannot be undone, so it runs last)
 Each runs ``--warmup`` steps and then ``--steps`` timed ones; it reports the median step as tokens/s, and
 torch.cuda.max_memory_allocated / max_memory_reserved over the timed steps.
 
@@ -21,7 +27,9 @@ Pl = LoRA weights, A = causal attention forward, 2·T·d_attn per layer at seque
   with recompute  = model FLOPs + 2·(P + Pl) + A·layers  (full checkpointing replays the layers' forward)
 For the Llama-3-8B shape at 2048 that is 31.9 and 46.5 GFLOP per token (Unsloth's 10,668 tokens/s is 43% and
 63% of the peak). "% peak" divides the model FLOPs per second by ``--peak-tflops`` (790, the H100's bf16 dense
-matmul rate); "% with recompute" counts what full checkpointing really executes (reference and fast-full).
+matmul rate); "% with recompute" counts what the backward really executes: the forward of every recomputed layer
+(all of them in reference, fast-full, fast-offload and fast-memory, the plan's in fast-auto; fast-selective counts
+as none).
 
 ``--peers`` runs the peer scripts of ../shared/bench (``--peer-dir``), one subprocess per stack after kbit's
 model is freed, when their packages import (transformers + bitsandbytes + PEFT; Liger; Unsloth), and adds the
@@ -47,7 +55,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_memory import random_quantized_llama  # noqa: E402
 
-MODES = ("reference", "fast-full", "fast-selective", "fast-none")
+MODES = ("reference", "fast-full", "fast-selective", "fast-none", "fast-auto", "fast-offload", "fast-memory")
 TINY = dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=1024)  # fmt: skip
 HF, LIGER = ["bitsandbytes", "peft"], ["bitsandbytes", "peft", "liger_kernel"]
@@ -93,6 +101,25 @@ def build(preset: str, layers: int | None, device: str):
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def set_mode(model, mode: str, batch: int, seq_len: int) -> tuple[str, int]:
+    """Apply ``mode``'s checkpointing for this batch size; (the line saying what, decoder layers recomputed)."""
+    from kbit.estimate import OPTIMIZER_BYTES
+    from kbit.models.checkpointing import decoder_layers, set_checkpointing
+    from kbit.models.memory_plan import plan_memory, step_bytes
+    from kbit.models.offload import offload_input_embeddings
+
+    n = len(decoder_layers(model))
+    if mode == "fast-auto":  # the trainer's "speed" plan: the fused loss, torch AdamW's two moments per parameter
+        reserve = step_bytes(model, batch, seq_len, OPTIMIZER_BYTES["adamw"], fused_loss=True)
+        plan = plan_memory(model, "speed", batch, seq_len, reserve_bytes=reserve)
+        set_checkpointing(model, plan.modes)
+        return plan.line, n - plan.modes.count("none")
+    if mode == "fast-memory":
+        return f"{set_checkpointing(model, 'offload')}; {offload_input_embeddings(model)}", n
+    checkpointing = {"reference": "full", "fast-offload": "offload"}.get(mode, mode.removeprefix("fast-"))
+    return set_checkpointing(model, checkpointing), 0 if checkpointing in ("none", "selective") else n
 
 
 def run_mode(model, config, mode: str, batch: int, seq_len: int, warmup: int, steps: int, device: str) -> dict:
@@ -172,7 +199,6 @@ def main() -> None:
     ap.add_argument("--peer-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "bench")
     ap.add_argument("--out", type=Path, default=None, help="also write the rows as JSON lines here")
     args = ap.parse_args()
-    from kbit.models.checkpointing import set_checkpointing
     from kbit.models.patch import apply_fast_path
 
     t = time.perf_counter()
@@ -185,13 +211,16 @@ def main() -> None:
     for mode in [m for m in MODES if m in args.modes]:  # reference first: the fast path patches in place
         if mode != "reference":
             print(apply_fast_path(model), flush=True)
-        print(set_checkpointing(model, {"reference": "full"}.get(mode, mode.removeprefix("fast-"))), flush=True)
         for b in args.batches:
-            row = {"stack": f"kbit {mode}", "batch": b} | run_mode(
+            line, recomputed = set_mode(model, mode, b, args.seq_len)
+            print(line, flush=True)
+            stack = f"kbit {mode}" + (f" ({recomputed}/{config.num_hidden_layers} recomputed)" * (mode == "fast-auto"))
+            row = {"stack": stack, "batch": b, "recomputed_layers": recomputed} | run_mode(
                 model, config, mode, b, args.seq_len, args.warmup, args.steps, args.device
             )
             if not row.get("oom"):
-                recompute = hw_flops if mode in ("reference", "fast-full") else model_flops
+                share = recomputed / config.num_hidden_layers
+                recompute = model_flops + share * (hw_flops - model_flops)
                 row["pct_peak"] = 100 * row["tokens_per_s"] * model_flops / (args.peak_tflops * 1e12)
                 row["pct_with_recompute"] = 100 * row["tokens_per_s"] * recompute / (args.peak_tflops * 1e12)
             rows.append(row)

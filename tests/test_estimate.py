@@ -39,3 +39,63 @@ def test_cli(capsys):
     out = capsys.readouterr().out
     assert "| weights |" in out and "largest batch of 2048-token sequences that fits 48 GiB" in out
     assert set(PRESETS) == {"llama-3-8b", "llama-2-70b"}
+
+
+def test_fsdp_split_against_a_loaded_model(tmp_path):
+    import torch
+
+    save_tiny_llama(tmp_path, intermediate_size=200)
+    model = load_model(tmp_path, quant_storage=torch.bfloat16, device="cpu")  # what FSDP shards: bf16 storage
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    packed = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+    statistics = sum(b.numel() * b.element_size() for m in layers for b in m.buffers())  # replicated buffers
+    weights = {id(m.weight) for m in layers}
+    other = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in weights)
+    shape = model_shape(load_config(tmp_path))
+    two, four = (estimate(shape, 16, 1, world_size=n, strategy="fsdp") for n in (2, 4))
+    assert two.weights == statistics + (packed + other) / 2  # this GPU's shards + every statistic
+    assert two.weights - four.weights == (packed + other) / 4
+    lora = sum(16 * (o + i) for o, i in shape.linear_shapes)
+    assert two.optimizer == 8 * lora / 2  # AdamW's two fp32 moments, sharded
+    assert two.gathered == other + 2 * (packed / shape.layers + 2 * lora / shape.layers)  # root + two layers
+    off = estimate(shape, 16, 1, world_size=2, strategy="fsdp", cpu_offload=True)
+    assert off.weights == statistics and off.optimizer == 0
+    assert off.host == (packed + other) / 2 + (8 + 8) * lora / 2  # shards, fp32 masters + grads, moments
+    assert off.total < two.total and two.host == 0
+
+
+def test_activation_offload_keeps_two_layer_inputs():
+    shape = model_shape(load_config("llama-3-8b"))
+    plain, offloaded = (estimate(shape, 2048, 1, activation_offload=a) for a in (False, True))
+    assert plain.activations - offloaded.activations == 2048 * (32 - 2) * 2 * 4096
+    assert offloaded.weights == plain.weights and offloaded.logits == plain.logits
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(world_size=2), "strategy none runs one GPU; with 2 GPUs use strategy fsdp or ddp"),
+        (dict(world_size=2, strategy="ddp", cpu_offload=True), "cpu_offload offloads FSDP shards; strategy ddp"),
+        (dict(world_size=2, strategy="fsdp", optim="adamw_8bit"), "optim adamw_8bit does not run under FSDP"),
+        (dict(world_size=2, strategy="fsdp", bits=8), "bits 8: FSDP cannot shard int8 weights"),
+        (dict(activation_offload=True, gradient_checkpointing=False), "activation offload moves the checkpointed"),
+        (dict(world_size=0, strategy="fsdp"), "gpus must be at least 1, got 0"),
+    ],
+)
+def test_plans_kbit_cannot_run_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        estimate(model_shape(load_config("llama-3-8b")), 2048, 1, **kw)
+
+
+def test_cli_70b_on_two_gpus(capsys):
+    """The docs/distributed.md statement: Llama-2-70B QLoRA at 1 x 2048 per GPU of 2, FSDP (estimates)."""
+    assert main(["estimate", "--model", "llama-2-70b", "--gpus", "2", "--strategy", "fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "memory per GPU of 2 (fsdp)" in out and "| gathered | 1.79 |" in out
+    assert "| **total** | **25.17** |" in out
+    assert "with activation offload (memory_plan: memory): 22.73 GiB" in out
+    assert main(["estimate", "--model", "llama-2-70b", "--gpus", "2", "--cpu-offload"]) == 0
+    out = capsys.readouterr().out
+    assert "| **total** | **7.20** |" in out and "| host memory per rank (pinned, not in total) | 17.97 |" in out
+    assert main(["estimate", "--model", "llama-2-70b", "--gpus", "2", "--strategy", "none"]) == 2
+    assert "strategy none runs one GPU" in capsys.readouterr().err

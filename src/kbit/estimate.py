@@ -8,9 +8,18 @@ linears (bf16 activations, float32 norm inputs, SDPA/flash attention that stores
 - MLP half: norm input (4h), norm output (2h), gate and up outputs (4m), activation and product (4m)
 - LoRA: the r-wide A outputs of every adapted linear (2r each)
 
-With gradient checkpointing only each layer's input (2h) is kept, plus one layer's worth during its recomputation.
-The head's logits cost 2 (bf16) + 4 (fp32 for the loss) + 4 (their gradient) bytes each, for one micro-batch.
-A fixed allowance covers the CUDA context, cuBLAS workspaces and allocator slack. ``kbit estimate`` prints the split
+With gradient checkpointing only each layer's input (2h) is kept, plus one layer's worth during its recomputation;
+activation offload (kbit train's ``memory_plan: memory``) moves those layer inputs to host memory, leaving two on
+the GPU (the one being recomputed and the one prefetched). The head's logits cost 2 (bf16) + 4 (fp32 for the
+loss) + 4 (their gradient) bytes each, for one micro-batch. A fixed allowance covers the CUDA context, cuBLAS
+workspaces and allocator slack.
+
+Per GPU of N (``world_size``): ``ddp`` holds a whole model per GPU plus DDP's gradient buckets. ``fsdp`` is what
+kbit.dist does: packed 4-bit weights, embeddings, head and norms sharded 1/N; quantization statistics replicated
+(buffers); LoRA as fp32 master shards with fp32 gradient shards and sharded optimizer state; and, gathered whole
+during the step, the root unit (embeddings, head, final norm: FSDP keeps it through forward and backward) and two
+decoder layers (the one computing and the one prefetched). ``cpu_offload`` moves the shards, their gradients and
+the optimizer state to pinned host memory (``host``, not in the GPU total). ``kbit estimate`` prints the split
 and the largest batch that fits a given memory; docs/estimate.md records the comparison with measured runs.
 """
 
@@ -22,6 +31,7 @@ from dataclasses import dataclass
 from torch import nn
 
 OVERHEAD_BYTES = 600 * 2**20  # CUDA context + cuBLAS/cuDNN workspaces + allocator fragmentation
+STRATEGIES = ("none", "ddp", "fsdp")
 OPTIMIZER_BYTES = {  # per trainable parameter, as held on the GPU
     "adamw": 8.0,  # two float32 moments
     "paged_adamw": 0.0,  # moments live in pinned host memory; one chunk at a time on the GPU (ignored)
@@ -30,29 +40,38 @@ OPTIMIZER_BYTES = {  # per trainable parameter, as held on the GPU
 }
 
 
+PARTS = ("weights", "gathered", "adapters", "optimizer", "activations", "logits", "overhead")
+
+
 @dataclass
 class Estimate:
-    """Bytes of each part of a training step's peak GPU memory."""
+    """Bytes of each part of a training step's peak memory on one GPU (host: pinned host memory per rank)."""
 
-    weights: float
+    weights: float  # frozen weights held (this GPU's shards + replicated statistics under fsdp)
     adapters: float  # adapter parameters + their gradients
     optimizer: float
     activations: float
     logits: float
     overhead: float
+    gathered: float = 0.0  # fsdp: units all-gathered whole during the step (root + two decoder layers)
+    host: float = 0.0  # cpu_offload: shards, gradients and optimizer state in host memory (not in total)
 
     @property
     def total(self) -> float:
-        """Everything together."""
-        return self.weights + self.adapters + self.optimizer + self.activations + self.logits + self.overhead
+        """Everything on the GPU together."""
+        return sum(getattr(self, k) for k in PARTS)
+
+    def parts(self) -> list[tuple[str, float]]:
+        """(name, bytes) of the GPU parts, ``gathered`` only under fsdp."""
+        return [(k, getattr(self, k)) for k in PARTS if k != "gathered" or self.gathered]
 
     def table(self) -> str:
         """The split as a markdown table in GiB."""
-        rows = [
-            (k, getattr(self, k)) for k in ("weights", "adapters", "optimizer", "activations", "logits", "overhead")
-        ]
-        lines = ["| part | GiB |", "|---|---|"] + [f"| {k} | {v / 2**30:.2f} |" for k, v in rows]
-        return "\n".join(lines + [f"| **total** | **{self.total / 2**30:.2f}** |"])
+        lines = ["| part | GiB |", "|---|---|"] + [f"| {k} | {v / 2**30:.2f} |" for k, v in self.parts()]
+        lines.append(f"| **total** | **{self.total / 2**30:.2f}** |")
+        if self.host:
+            lines.append(f"| host memory per rank (pinned, not in total) | {self.host / 2**30:.2f} |")
+        return "\n".join(lines)
 
 
 @dataclass
@@ -108,25 +127,75 @@ def estimate(
     gradient_checkpointing: bool = True,
     double_quant: bool = True,
     blocksize: int = 64,
+    world_size: int = 1,
+    strategy: str = "none",
+    cpu_offload: bool = False,
+    activation_offload: bool = False,
 ) -> Estimate:
-    """Peak GPU bytes of one training step for ``batch`` sequences of ``seq_len`` tokens."""
-    if optim not in OPTIMIZER_BYTES:
-        raise ValueError(f"optim {optim!r} is not known; use one of {sorted(OPTIMIZER_BYTES)}")
-    weights = sum(linear_bytes(o, i, bits, double_quant, blocksize) for o, i in shape.linear_shapes)
-    weights += 2 * shape.other_params
+    """Peak bytes on one GPU of one training step for ``batch`` sequences of ``seq_len`` tokens per GPU."""
+    check_plan(optim, world_size, strategy, cpu_offload, activation_offload, gradient_checkpointing, bits)
+    lin_bytes = sum(linear_bytes(o, i, bits, double_quant, blocksize) for o, i in shape.linear_shapes)
     lora = sum(lora_r * (o + i) for o, i in shape.linear_shapes)
-    adapters = lora * (2 + 2)  # bf16 parameters + bf16 gradients
-    optimizer = lora * OPTIMIZER_BYTES[optim]
     h, m, kv = shape.hidden, shape.intermediate, shape.kv_dim
     per_layer = (4 * h + 2 * h + 2 * h + 4 * kv + 2 * h) + (4 * h + 2 * h + 4 * m + 4 * m)
     per_layer += 2 * lora_r * shape.per_layer_linears
     tokens = batch * seq_len
-    if gradient_checkpointing:
-        activations = tokens * (shape.layers * 2 * h + per_layer)
+    if gradient_checkpointing:  # layer inputs kept on the GPU: all of them, or the two around the current layer
+        kept = min(2, shape.layers) if activation_offload else shape.layers
+        activations = tokens * (kept * 2 * h + per_layer)
     else:
         activations = tokens * shape.layers * per_layer
     logits = tokens * shape.vocab * 10.0
-    return Estimate(weights, adapters, optimizer, activations, logits, OVERHEAD_BYTES)
+    if strategy != "fsdp":
+        weights = lin_bytes + 2 * shape.other_params
+        adapters = lora * (2 + 2)  # bf16 parameters + bf16 gradients
+        if strategy == "ddp":
+            adapters += lora * 2  # DDP's gradient buckets
+        optimizer = lora * OPTIMIZER_BYTES[optim]
+        return Estimate(weights, adapters, optimizer, activations, logits, OVERHEAD_BYTES)
+    n, layers = world_size, max(shape.layers, 1)
+    packed = sum((o * i + 1) // 2 for o, i in shape.linear_shapes) if bits == 4 else lin_bytes
+    statistics = lin_bytes - packed  # buffers: replicated on every rank, never offloaded
+    sharded = (packed + 2 * shape.other_params) / n
+    layer_lora = lora / layers
+    # whole during the step: the root unit (embeddings, head, norms) and two layers with their bf16 LoRA
+    gathered = 2 * shape.other_params + 2 * (packed / layers + 2 * layer_lora)
+    adapters = 4 * layer_lora  # one layer's unsharded fp32 gradient before its reduce-scatter
+    shard_state = lora * (4 + 4) / n  # fp32 master shards + fp32 gradient shards
+    optimizer = lora * OPTIMIZER_BYTES[optim] / n
+    if cpu_offload:
+        host = sharded + shard_state + optimizer
+        return Estimate(statistics, adapters, 0.0, activations, logits, OVERHEAD_BYTES, gathered, host)
+    return Estimate(statistics + sharded, adapters + shard_state, optimizer, activations, logits, OVERHEAD_BYTES,
+                    gathered)  # fmt: skip
+
+
+def check_plan(
+    optim: str = "adamw",
+    world_size: int = 1,
+    strategy: str = "none",
+    cpu_offload: bool = False,
+    activation_offload: bool = False,
+    gradient_checkpointing: bool = True,
+    bits: int = 4,
+) -> None:
+    """ValueError naming the option when the combination cannot run (as kbit train would refuse it)."""
+    if optim not in OPTIMIZER_BYTES:
+        raise ValueError(f"optim {optim!r} is not known; use one of {sorted(OPTIMIZER_BYTES)}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy {strategy!r} is not known; use one of {', '.join(STRATEGIES)}")
+    if world_size < 1:
+        raise ValueError(f"gpus must be at least 1, got {world_size}")
+    if strategy == "none" and world_size > 1:
+        raise ValueError(f"strategy none runs one GPU; with {world_size} GPUs use strategy fsdp or ddp")
+    if cpu_offload and strategy != "fsdp":
+        raise ValueError(f"cpu_offload offloads FSDP shards; strategy {strategy} keeps whole weights: use fsdp")
+    if strategy == "fsdp" and optim != "adamw":
+        raise ValueError(f"optim {optim} does not run under FSDP in kbit; use adamw with strategy fsdp")
+    if strategy == "fsdp" and bits == 8:
+        raise ValueError("bits 8: FSDP cannot shard int8 weights; use bits 4, or strategy ddp")
+    if activation_offload and not gradient_checkpointing:
+        raise ValueError("activation offload moves the checkpointed layer inputs; it needs gradient checkpointing")
 
 
 def linear_bytes(out_f: int, in_f: int, bits: int = 4, double_quant: bool = True, blocksize: int = 64) -> int:

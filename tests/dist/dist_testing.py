@@ -25,6 +25,25 @@ def build_model(folder, dtype: torch.dtype = torch.float32, seed: int = 0, quant
     return model
 
 
+def build_sharded(folder, ctx, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """(build_model's model loaded straight into FSDP shards by kbit.dist.load_sharded, its LoadMemory).
+
+    The same values as ``shard_model(build_model(...))``: LoRA A drawn in the same order from the same seed, and B
+    drawn whole, in the same order, each rank keeping its rows (FSDP shards dim 0 in ``world_size`` even chunks).
+    """
+    from kbit.dist import load_sharded, local_tensor
+    from kbit.lora.inject import LoraSettings
+
+    torch.manual_seed(seed)
+    model, memory = load_sharded(folder, ctx, LoraSettings(r=4, alpha=8, dropout=0.0), compute_dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                whole = torch.empty(p.shape).normal_(0, 0.02)
+                local_tensor(p).copy_(whole.chunk(ctx.world_size)[ctx.rank])
+    return model, memory
+
+
 def run_config(folder, strategy: str, **overrides) -> dict:
     """4 steps of 2 micro-batches (per-rank batch 2), checkpoint only at the end, fp32 on the CPU."""
     config = dict(

@@ -4,7 +4,8 @@ One torchrun launch (``dist_worker.py``) does the distributed side of every test
 files; each test compares them with what one process computes here. Tolerances: fp32 sums taken in another
 order differ by a few ulps, so sharded fp32 logits must agree to 1e-6 and losses to 1e-5 relative; bf16 logits
 (LoRA cast to bf16 by FSDP's mixed precision, fp32 in the unsharded model) to 4 bf16 ulps of the largest logit.
-Resume is exact: the same ranks replay the same operations.
+Resume is exact: the same ranks replay the same operations, and a model loaded straight into shards holds the
+very bytes of one sharded after loading, so its logits are identical.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def two_ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("two-ranks")
     folder = root / "tiny"
     save_tiny_llama(folder)
+    from kbit.export import quantize_model
+
+    quantized = quantize_model(folder, root / "tiny-nf4", compute_dtype=torch.float32)  # uint8 storage
     records = [{"text": f"reverse {w}: {w[::-1]}"} for w in ("abc", "hello", "kbit", "four", "xyz")]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records * 3))
     job = {
@@ -47,10 +51,12 @@ def two_ranks(tmp_path_factory):
     env = dict(os.environ, TORCH_COMPILE_DISABLE="1", OMP_NUM_THREADS="1")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     proc = subprocess.run(
-        [*launch, str(WORKER), str(folder), str(out)], capture_output=True, text=True, env=env, timeout=600
-    )
+        [*launch, str(WORKER), str(folder), str(quantized), str(out)], capture_output=True, text=True, env=env,
+        timeout=600,
+    )  # fmt: skip
     if proc.returncode != 0:
         pytest.fail(f"the 2-rank launch failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
+    (out / "launch.log").write_text(proc.stdout)
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     return folder, out, results
 
@@ -73,6 +79,55 @@ def test_sharded_forward_equals_unsharded(two_ranks):
             assert r[f"packed_{dtype}_local_rows"] * 2 == r[f"packed_{dtype}_full_rows"]
 
 
+def test_streamed_load_equals_sharding_after_loading(two_ranks):
+    _, _, results = two_ranks
+    for dtype in ("fp32", "bf16"):
+        for r in results:
+            assert r[f"streamed_{dtype}_max_diff"] == 0.0 and r[f"streamed_{dtype}_same_params"]
+            # each rank holds half of every parameter: together exactly the whole model's parameter bytes
+            assert r[f"streamed_{dtype}_param_bytes"] * 2 == r[f"whole_{dtype}_param_bytes"]
+            # while loading: never the whole model (what the old path holds before sharding), at most this
+            # rank's shards plus one whole unit (a decoder layer, or the root: embeddings, head, final norm)
+            peak, final = r[f"streamed_{dtype}_peak_model_bytes"], r[f"streamed_{dtype}_final_model_bytes"]
+            assert peak < r[f"whole_{dtype}_model_bytes"]
+            assert final < peak <= final + r[f"whole_{dtype}_largest_unit_bytes"]
+            assert r[f"streamed_{dtype}_peak_host_gib"] > 0
+        assert sum(r[f"streamed_{dtype}_param_bytes"] for r in results) == results[0][f"whole_{dtype}_param_bytes"]
+
+
+def test_bitsandbytes_checkpoint_loads_into_shards_and_errors(two_ranks):
+    _, _, results = two_ranks
+    r = results[1]
+    assert r["checkpoint_max_diff"] == 0.0  # uint8 storage re-viewed as float32 (the compute dtype): same bytes
+    assert r["checkpoint_storage"] == ["torch.float32"]
+    assert r["error_checkpoint_storage"].startswith(
+        "model.layers.0.self_attn.q_proj: quant_storage uint8 differs from the compute dtype float32 that FSDP"
+    )
+    assert r["error_int8"].startswith("bits 8: FSDP cannot shard int8 weights")
+    assert r["error_modules_to_save"].startswith("modules_to_save: a sharded load puts LoRA on each layer")
+    assert "already sharded with FSDP" in r["error_ddp_on_sharded"] and "use strategy fsdp" in r["error_ddp_on_sharded"]
+    assert r["error_offload_mismatch"].startswith("cpu_offload: true asked for, but the model was sharded with")
+
+
+def test_out_of_memory_names_rank_batch_and_estimate(two_ranks):
+    import re
+
+    from kbit.estimate import estimate, load_config, model_shape
+
+    folder, _, results = two_ranks
+    shape = model_shape(load_config(folder))
+    for rank, r in enumerate(results):
+        message = r["oom_message"]
+        assert r["oom_cause"] == "RuntimeError"  # the CPU allocator's own failure, re-raised with the report
+        assert message.startswith(f"rank {rank} of 2 (cpu) ran out of memory in step 1: micro-batch of 2 x ")
+        batch, seq_len = (int(v) for v in re.search(r"micro-batch of (\d+) x (\d+) tokens", message).groups())
+        assert "(one of 2 accumulated per step), strategy fsdp" in message
+        # the estimate for this rank: FSDP over 2 ranks, LoRA r=4, no activation checkpointing on the CPU
+        est = estimate(shape, seq_len, batch, lora_r=4, world_size=2, strategy="fsdp", gradient_checkpointing=False)
+        assert f"kbit estimates {est.total / 2**30:.2f} GiB for this rank (weights " in message
+        assert "; try activation checkpointing" in message and "more GPUs" in message and "\n" not in message
+
+
 def test_losses_equal_one_process_run(two_ranks, tmp_path):
     folder, _, results = two_ranks
     expected, _ = one_process_losses(folder, tmp_path)
@@ -80,6 +135,9 @@ def test_losses_equal_one_process_run(two_ranks, tmp_path):
         for strategy in ("fsdp", "ddp"):
             assert r[f"{strategy}_strategy"] == strategy
             assert r[f"{strategy}_losses"] == pytest.approx(expected, rel=1e-5, abs=0)
+        # loaded into shards, strategy auto, activation checkpointing through the FSDP units
+        assert r["streamed_strategy"] == "fsdp"
+        assert r["streamed_losses"] == pytest.approx(expected, rel=1e-5, abs=0)
     assert results[0]["fsdp_losses"] == results[1]["fsdp_losses"]  # all-reduced: every rank reports the same
 
 
@@ -124,6 +182,8 @@ def test_torchrun_kbit_train_cli(two_ranks):
     assert [r["step"] for r in records if "loss" in r] == [1, 2]  # rank 0 alone writes the metrics
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "checkpoint-2" / "sharded" / ".metadata").is_file()
+    log = (out / "launch.log").read_text()  # kbit train loaded each rank's model straight into shards
+    assert "sharded layer by layer while loading: rank 0 at most" in log and "; rank 1 at most" in log
 
 
 def test_clear_errors_without_a_process_group(two_ranks, tmp_path):

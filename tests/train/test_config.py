@@ -133,6 +133,17 @@ def test_yaml_then_flags_win(tmp_path):
         (["--format", "csv"], "format: must be one of auto, messages"),
         (["--max_seq_len"], "--max_seq_len: needs a value (an integer)"),
         (["--eval_fraction", "0.1", "--eval_data", "x.jsonl"], "eval_fraction: give eval_data"),
+        (
+            ["--memory_plan", "fast"],
+            "memory_plan: must be one of auto, speed, memory, full, none, selective, offload, got 'fast'",
+        ),
+        (
+            ["--memory_plan", "none", "--gradient_checkpointing"],
+            "memory_plan: none conflicts with gradient_checkpointing: true; set memory_plan alone "
+            "(gradient_checkpointing true means full, false means none)",
+        ),
+        (["--memory_plan", "speed", "--gradient_checkpointing"], "memory_plan: speed conflicts with"),
+        (["--memory-plan", "offload", "--no-gradient-checkpointing"], "memory_plan: offload conflicts with"),
     ],
 )
 def test_errors_name_the_key(argv, message):
@@ -145,6 +156,28 @@ def test_errors_name_the_key(argv, message):
         config_from(argv)
     assert time.perf_counter() - t0 < 1.0
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_memory_plan_key_and_what_gradient_checkpointing_means(tmp_path):
+    assert TrainConfig().memory_plan == "auto"
+    assert config_from(["--memory-plan", "offload"]).memory_plan == "offload"
+    path = tmp_path / "job.yaml"
+    path.write_text("memory_plan: memory\ngradient_checkpointing: true\n")  # agree: memory recomputes every layer
+    c = config_from([str(path)])
+    assert c.memory_plan == "memory" and c.to_dict()["memory_plan"] == "memory"
+    assert TrainConfig(**c.to_dict()) == c
+    cases = {  # (memory_plan, gradient_checkpointing) -> plan on cuda, plan on cpu
+        ("auto", None): ("speed", "none"),
+        ("auto", True): ("full", "full"),
+        ("auto", False): ("none", "none"),
+        ("selective", True): ("selective", "selective"),
+        ("none", False): ("none", "none"),
+        ("speed", None): ("speed", "speed"),
+        ("offload", None): ("offload", "offload"),
+    }
+    for (plan, recompute), expected in cases.items():
+        c = TrainConfig(memory_plan=plan, gradient_checkpointing=recompute)
+        assert (c.resolved_memory_plan("cuda"), c.resolved_memory_plan("cpu")) == expected, (plan, recompute)
 
 
 def test_yaml_errors_name_the_file(tmp_path):

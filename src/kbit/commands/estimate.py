@@ -1,11 +1,11 @@
-"""``kbit estimate``: GPU memory of a QLoRA fine-tune, by part, and the largest batch that fits."""
+"""``kbit estimate``: GPU memory of a QLoRA fine-tune, by part, and the largest batch that fits (per GPU of N)."""
 
 from __future__ import annotations
 
 
 def add_parser(sub) -> None:
     """Register estimate."""
-    from ..estimate import OPTIMIZER_BYTES, PRESETS
+    from ..estimate import OPTIMIZER_BYTES, PRESETS, STRATEGIES
 
     e = sub.add_parser("estimate", help="estimate GPU memory (weights/adapters/optimizer/activations) and max batch")
     e.add_argument(
@@ -26,6 +26,17 @@ def add_parser(sub) -> None:
     e.add_argument("--bits", type=int, default=4, choices=(4, 8, 16))
     e.add_argument("--optim", default="adamw", choices=sorted(OPTIMIZER_BYTES))
     e.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    e.add_argument("--gpus", type=int, default=1, help="GPUs the run is spread over (torchrun --nproc-per-node)")
+    e.add_argument(
+        "--strategy",
+        default=None,
+        choices=STRATEGIES,
+        help="none (one GPU), ddp (a whole model per GPU) or fsdp (sharded); default: none for 1 GPU, else fsdp",
+    )
+    e.add_argument("--cpu-offload", "--cpu_offload", dest="cpu_offload", action="store_true",
+                   help="fsdp: shards, gradients and optimizer state in pinned host memory")  # fmt: skip
+    e.add_argument("--activation-offload", dest="activation_offload", action="store_true",
+                   help="checkpointed layer inputs in host memory (kbit train: memory_plan memory)")  # fmt: skip
     e.add_argument(
         "--gpu-memory",
         "--gpu_memory",
@@ -38,21 +49,45 @@ def add_parser(sub) -> None:
 
 
 def _estimate(args) -> int:
-    from ..estimate import estimate, largest_batch, load_config, model_shape
+    import sys
 
-    shape = model_shape(load_config(args.model))
+    from ..estimate import check_plan, estimate, largest_batch, load_config, model_shape
+
+    strategy = args.strategy or ("none" if args.gpus == 1 else "fsdp")
     kw = dict(
         lora_r=args.lora_r,
         bits=args.bits,
         optim=args.optim,
         gradient_checkpointing=args.gradient_checkpointing,
+        world_size=args.gpus,
+        strategy=strategy,
+        cpu_offload=args.cpu_offload,
+        activation_offload=args.activation_offload,
     )
+    try:
+        check_plan(**{k: v for k, v in kw.items() if k != "lora_r"})
+    except ValueError as e:
+        print(f"kbit estimate: error: {e}", file=sys.stderr)
+        return 2
+    shape = model_shape(load_config(args.model))
     est = estimate(shape, args.seq_len, args.batch, **kw)
+    where = "on one GPU" if args.gpus == 1 else f"per GPU of {args.gpus}"
+    if strategy != "none":
+        where += f" ({strategy}{', cpu offload' if args.cpu_offload else ''})"
     print(
-        f"{args.model}: batch {args.batch} x {args.seq_len} tokens, {args.bits}-bit base, LoRA r={args.lora_r}, "
-        f"{args.optim}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}\n"
+        f"{args.model}: batch {args.batch} x {args.seq_len} tokens{' per GPU' if args.gpus > 1 else ''}, "
+        f"{args.bits}-bit base, LoRA r={args.lora_r}, {args.optim}, gradient checkpointing "
+        f"{'on' if args.gradient_checkpointing else 'off'}, activation offload "
+        f"{'on' if args.activation_offload else 'off'}; memory {where}\n"
     )
     print(est.table())
+    if args.gradient_checkpointing:  # the other side of the activation-offload question, in one line
+        other = estimate(shape, args.seq_len, args.batch, **(kw | {"activation_offload": not args.activation_offload}))
+        print(
+            f"\n{'without' if args.activation_offload else 'with'} activation offload"
+            f"{'' if args.activation_offload else ' (memory_plan: memory)'}: "
+            f"{other.total / 2**30:.2f} GiB"
+        )
     best = largest_batch(shape, args.gpu_memory * 2**30, args.seq_len, **kw)
-    print(f"\nlargest batch of {args.seq_len}-token sequences that fits {args.gpu_memory:g} GiB: {best}")
+    print(f"\nlargest batch of {args.seq_len}-token sequences that fits {args.gpu_memory:g} GiB {where}: {best}")
     return 0

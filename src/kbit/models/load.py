@@ -6,6 +6,10 @@ dropped before the next is read, so peak host memory stays near one layer plus t
 16-bit model. Checkpoints already quantized by transformers + bitsandbytes (``quantization_config`` in config.json)
 load their packed bytes as they are. GGUF files go through transformers' GGUF reader (which dequantizes them whole)
 and are quantized afterwards.
+
+With ``on_layer`` the skeleton is filled one decoder layer at a time and the hook sees each layer as soon as it is
+complete: kbit.dist adds LoRA to it and shards it there, so a rank never holds more than its shards plus one whole
+layer (then the embeddings and head, filled last).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -78,11 +82,14 @@ def load_model(
     skip_modules: tuple[str, ...] | list[str] = ("lm_head",),
     device: str | torch.device | None = None,
     blocksize: int = 64,
+    on_layer: Callable[[nn.Module, str], None] | None = None,
 ):
     """A transformers causal LM whose ``nn.Linear`` layers are kbit ``Linear4bit`` / ``Linear8bit`` (bits=16: none).
 
     ``source``: ``"default"`` (the embedded SmolLM2-135M-Instruct), a local folder (config.json + safetensors,
     sharded or not, or a transformers + bitsandbytes 4/8-bit checkpoint), a ``.gguf`` file, or a Hugging Face Hub id.
+    ``on_layer(model, path)`` is called for each decoder layer (:func:`decoder_layer_paths`), in order, as soon as
+    all its weights are loaded, then once with path ``""`` when the rest is (GGUF files: after the whole load).
     """
     cfg = LoadConfig(
         str(source),
@@ -99,8 +106,12 @@ def load_model(
     path = resolve_source(source)
     if path.is_file():
         model = _load_gguf(path, cfg, device)
+        if on_layer is not None:  # transformers' GGUF reader loads everything at once: nothing to stream
+            for layer in decoder_layer_paths(model):
+                on_layer(model, layer)
+            on_layer(model, "")
     else:
-        model = _load_folder(path, cfg, device)
+        model = _load_folder(path, cfg, device, on_layer)
     model.kbit_load_config = cfg
     model.config._name_or_path = str(source)
     model.eval()
@@ -188,6 +199,24 @@ def quantized_module_names(model, cfg: LoadConfig) -> list[str]:
             continue
         names.append(name)
     return names
+
+
+def decoder_layer_paths(model: nn.Module) -> list[str]:
+    """Paths of the model's repeated blocks: transformers' ``_no_split_modules`` classes, else the children of
+    its longest ModuleList (works on a meta-device skeleton)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    paths = [p for p, m in model.named_modules() if p and type(m).__name__ in names]
+    if not paths:
+        lists = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+        if lists:
+            path, longest = max(lists, key=lambda pm: len(pm[1]))
+            paths = [f"{path}.{i}" if path else str(i) for i in range(len(longest))]
+    return paths
+
+
+def _under(name: str, path: str) -> bool:
+    """True when module/parameter ``name`` lies in module ``path`` ("" holds everything)."""
+    return not path or name == path or name.startswith(path + ".")
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -303,7 +332,7 @@ def _pre_quantization(config) -> dict | None:
     return qc
 
 
-def _load_folder(folder: Path, cfg: LoadConfig, device: torch.device):
+def _load_folder(folder: Path, cfg: LoadConfig, device: torch.device, on_layer=None):
     from transformers import AutoConfig
 
     if not (folder / "config.json").is_file():
@@ -317,10 +346,32 @@ def _load_folder(folder: Path, cfg: LoadConfig, device: torch.device):
     model = _build_skeleton(config, cfg.compute_dtype)
     shards = _Shards(folder)
     shards.add_renames(model)
-    prefix = model.base_model_prefix
     targets = set(quantized_module_names(model, cfg)) if cfg.bits != 16 else set()
+    names = sorted(targets | ({n for n, _ in model.named_modules()} if pre else set()))
     done: set[str] = set()
-    for name in sorted(targets | ({n for n, _ in model.named_modules()} if pre else set())):
+    # Without a hook everything is one group; with one, each decoder layer is filled and handed over in turn.
+    layers = decoder_layer_paths(model) if on_layer is not None else []
+    for layer in layers:
+        _fill_linears(model, shards, [n for n in names if _under(n, layer)], targets, done, cfg, device, folder)
+        _fill_parameters(model, shards, done, cfg, device, folder, under=layer)
+        _move_buffers(model.get_submodule(layer), device)
+        model.get_submodule(layer).requires_grad_(False)
+        on_layer(model, layer)
+    _fill_linears(model, shards, [n for n in names if f"{n}.weight" not in done], targets, done, cfg, device, folder)
+    _fill_parameters(model, shards, done, cfg, device, folder)
+    handed_over = tuple(f"{layer}." for layer in layers)  # frozen already; the hook may have added trainables
+    for name, p in model.named_parameters():
+        if not name.startswith(handed_over):
+            p.requires_grad_(False)  # a loaded base model is frozen; LoRA adds the trainable parameters
+    if on_layer is not None:
+        on_layer(model, "")
+    return model
+
+
+def _fill_linears(model, shards: _Shards, names: list[str], targets: set[str], done: set[str], cfg, device, folder):
+    """Quantize (or take pre-quantized) the weights of the nn.Linear modules ``names``, one at a time."""
+    prefix = model.base_model_prefix
+    for name in names:
         mod = model.get_submodule(name)
         if type(mod) is not nn.Linear:
             continue
@@ -332,7 +383,7 @@ def _load_folder(folder: Path, cfg: LoadConfig, device: torch.device):
         bkey = _checkpoint_key(shards, f"{name}.bias", prefix) if mod.bias is not None else None
         bias = shards.get(bkey).to(device, cfg.compute_dtype) if bkey else None
         base = wkey[: -len(".weight")]
-        if pre is not None and (f"{base}.weight.absmax" in shards or f"{base}.SCB" in shards):
+        if cfg.pre_quantized and (f"{base}.weight.absmax" in shards or f"{base}.SCB" in shards):
             new = _prequantized_linear(shards, base, bias, cfg, device)
         elif name in targets:
             new = _quantize_linear(shards.get(wkey), bias, cfg, device)
@@ -340,10 +391,6 @@ def _load_folder(folder: Path, cfg: LoadConfig, device: torch.device):
             continue
         _set_module(model, name, new)
         done.update({f"{name}.weight", f"{name}.bias"})
-    _fill_parameters(model, shards, prefix, done, cfg, device, folder)
-    for p in model.parameters():
-        p.requires_grad_(False)  # a loaded base model is frozen; LoRA adds the trainable parameters
-    return model
 
 
 def _quantize_linear(w: torch.Tensor, bias: torch.Tensor | None, cfg: LoadConfig, device: torch.device) -> nn.Module:
@@ -372,11 +419,15 @@ def _prequantized_linear(shards: _Shards, base: str, bias, cfg: LoadConfig, devi
     return Linear4bit.from_quantized(weight, state, bias=bias, compute_dtype=cfg.compute_dtype)
 
 
-def _fill_parameters(model, shards: _Shards, prefix: str, done: set[str], cfg: LoadConfig, device, where) -> None:
-    """Load every remaining parameter (embeddings, norms, unquantized linears) and tie weights."""
+def _fill_parameters(model, shards: _Shards, done: set[str], cfg: LoadConfig, device, where, under: str = "") -> None:
+    """Load every remaining parameter (embeddings, norms, unquantized linears) and tie weights.
+
+    ``under``: only the parameters of that module, and no tying or completeness check (a decoder layer).
+    """
+    prefix = model.base_model_prefix
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     for name, param in list(model.named_parameters(remove_duplicate=False)):
-        if name in done or param.device.type != "meta":
+        if name in done or param.device.type != "meta" or not _under(name, under):
             continue
         key = _checkpoint_key(shards, name, prefix)
         if key is None:
@@ -389,6 +440,8 @@ def _fill_parameters(model, shards: _Shards, prefix: str, done: set[str], cfg: L
         t = t.to(device, cfg.compute_dtype) if t.is_floating_point() else t.to(device)
         mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
         done.add(name)
+    if under:
+        return
     if getattr(model.config, "tie_word_embeddings", False) or getattr(model.config, "tie_embedding", False):
         model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]

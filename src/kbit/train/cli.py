@@ -82,14 +82,14 @@ def run_train(args: argparse.Namespace) -> int:
         return 0
 
     from ..data import DataError
-    from ..dist import StrategyError
+    from ..dist import RankOutOfMemoryError, StrategyError
     from .job import run_job
     from .loop import TrainingDiverged
 
     job = "default" if cli.config_path is None else Path(cli.config_path).stem
     try:
         summary = run_job(config, job=job)
-    except (ConfigError, DataError, StrategyError, TrainingDiverged, FileNotFoundError) as e:
+    except (ConfigError, DataError, StrategyError, TrainingDiverged, RankOutOfMemoryError, FileNotFoundError) as e:
         print(f"kbit train: error: {e}", file=sys.stderr)
         return 1
     stopped = summary["stopped_by"]

@@ -24,6 +24,8 @@ REPORT_TO = ("auto", "none", "tensorboard")
 STRATEGIES = ("auto", "fsdp", "ddp", "none")
 LORA_INITS = ("default", "loftq")
 QUANT_TYPES = ("nf4", "fp4")
+MEMORY_PLANS = ("auto", "speed", "memory", "full", "none", "selective", "offload")
+_RECOMPUTING_PLANS = ("full", "selective", "offload", "memory")  # what gradient_checkpointing true agrees with
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
 
@@ -127,7 +129,20 @@ class TrainConfig:
         "training",
     )
     gradient_checkpointing: bool | None = _key(
-        None, "recompute activations in backward to save memory; auto: on for CUDA, off on CPU", "training"
+        None,
+        "recompute every layer's activations in backward (true: memory_plan full; false: memory_plan none); "
+        "auto: memory_plan decides",
+        "training",
+    )
+    memory_plan: str = _key(
+        "auto",
+        "what each decoder layer keeps for the backward: speed (keep the activations of as many layers as the "
+        "free GPU memory holds at this batch and sequence length, recompute the rest, offload layer inputs to CPU "
+        "memory only if even that does not fit; the choice is logged), memory (recompute every layer from inputs "
+        "kept in pinned CPU memory: the smallest footprint), full (recompute every layer), none (keep "
+        "everything), selective (keep matmul and attention outputs, recompute the cheap ops) or offload (full, "
+        "inputs in CPU memory); auto: what gradient_checkpointing says when set, else speed on CUDA and none on CPU",
+        "training",
     )
     fast_path: bool | None = _key(
         None,
@@ -242,6 +257,15 @@ class TrainConfig:
         need(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         need(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         one_of("optim", OPTIMIZERS)
+        one_of("memory_plan", MEMORY_PLANS)
+        recompute = self.gradient_checkpointing
+        if recompute is not None and self.memory_plan != "auto":
+            agrees = self.memory_plan in _RECOMPUTING_PLANS if recompute else self.memory_plan == "none"
+            if not agrees:
+                raise ConfigError(
+                    f"memory_plan: {self.memory_plan} conflicts with gradient_checkpointing: {str(recompute).lower()}; "
+                    "set memory_plan alone (gradient_checkpointing true means full, false means none)"
+                )
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(0 <= self.adam_beta1 < 1, "adam_beta1", "must be in [0, 1)")
         need(0 <= self.adam_beta2 < 1, "adam_beta2", "must be in [0, 1)")
@@ -258,6 +282,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain values, as YAML would hold them."""
         return asdict(self)
+
+    def resolved_memory_plan(self, device_type: str) -> str:
+        """The memory plan to apply on a ``device_type`` device: ``memory_plan`` unless auto; then
+        gradient_checkpointing's (true: full, false: none); then speed on CUDA and none elsewhere."""
+        if self.memory_plan != "auto":
+            return self.memory_plan
+        if self.gradient_checkpointing is not None:
+            return "full" if self.gradient_checkpointing else "none"
+        return "speed" if device_type == "cuda" else "none"
 
     @property
     def warmup(self) -> str:

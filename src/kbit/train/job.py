@@ -22,6 +22,8 @@ import torch
 from ..dist import DistContext, close_distributed, init_distributed, launched_by_torchrun, match_quant_storage
 from ..dist.checkpoint import save_adapter_gathered
 from ..dist.hostmem import peak_rss_gib, reset_peak_rss, rss_gib
+from ..dist.loading import expected_model_bytes, load_sharded, loads_sharded, sharded_load_line
+from ..lora.inject import LoraSettings
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .loop import Trainer, default_output_dir
@@ -126,15 +128,28 @@ def _run(config: TrainConfig, job: str, ctx: DistContext) -> dict[str, Any]:
     try:
         tokenizer = load_tokenizer(config.model)
         loftq = config.lora_init == "loftq"
-        model = load_model(
-            config.model,
-            bits=16 if loftq else config.bits,  # LoftQ quantizes the 16-bit weights itself, after add_lora
-            quant_type=config.quant_type,
-            double_quant=config.double_quant,
-            compute_dtype=compute_dtype,
-            quant_storage=compute_dtype if shardable else torch.uint8,
-            device=device,
-        )
+        # FSDP: each decoder layer gets its LoRA and is sharded as soon as it is loaded (no rank holds the model)
+        sized = shardable and (config.strategy == "auto" or config.cpu_offload)  # auto and the offload check
+        expected = expected_model_bytes(config.model, config.bits, config.double_quant) if sized else None
+        streamed = shardable and not loftq and loads_sharded(config.strategy, ctx, expected, config.cpu_offload)
+        if streamed:
+            torch.manual_seed(config.seed)  # the LoRA initialisation, drawn layer by layer as add_lora would
+            lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                                target_modules=_targets(config.target_modules))  # fmt: skip
+            model, load_memory = load_sharded(config.model, ctx, lora, cpu_offload=config.cpu_offload,
+                                              bits=config.bits, quant_type=config.quant_type,
+                                              double_quant=config.double_quant, compute_dtype=compute_dtype,
+                                              expected_bytes=expected)  # fmt: skip
+        else:
+            model = load_model(
+                config.model,
+                bits=16 if loftq else config.bits,  # LoftQ quantizes the 16-bit weights itself, after add_lora
+                quant_type=config.quant_type,
+                double_quant=config.double_quant,
+                compute_dtype=compute_dtype,
+                quant_storage=compute_dtype if shardable else torch.uint8,
+                device=device,
+            )
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -145,15 +160,18 @@ def _run(config: TrainConfig, job: str, ctx: DistContext) -> dict[str, Any]:
         both = ctx.all_reduce([v if r == ctx.rank else 0.0 for r in range(ctx.world_size) for v in mine]).tolist()
         per_rank = ", ".join(f"rank {r} {both[2 * r]:.2f} GiB (+{both[2 * r + 1]:.2f})" for r in range(ctx.world_size))
         say(f"peak host memory while loading (and above the pre-load baseline), per rank: {per_rank}", flush=True)
-    torch.manual_seed(config.seed)  # the LoRA initialisation
-    add_lora(
-        model,
-        r=config.lora_r,
-        alpha=config.lora_alpha,
-        dropout=config.lora_dropout,
-        target_modules=config.target_modules,
-        dtype=torch.float32,
-    )
+    if streamed:
+        say(f"sharded layer by layer while loading: {sharded_load_line(ctx, load_memory)}", flush=True)
+    else:
+        torch.manual_seed(config.seed)  # the LoRA initialisation
+        add_lora(
+            model,
+            r=config.lora_r,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+            target_modules=config.target_modules,
+            dtype=torch.float32,
+        )
     if loftq:
         from ..lora.loftq import loftq_quantize
 
@@ -248,6 +266,11 @@ def _run(config: TrainConfig, job: str, ctx: DistContext) -> dict[str, Any]:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _print_summary(summary)
     return summary
+
+
+def _targets(target_modules: Any) -> str | tuple[str, ...]:
+    """target_modules as LoraSettings holds it (a name list becomes a tuple)."""
+    return target_modules if isinstance(target_modules, str) else tuple(target_modules)
 
 
 def _quiet(*args: Any, **kwargs: Any) -> None:

@@ -46,6 +46,8 @@ import torch.nn.functional as F
 from ..data import IGNORE_INDEX, Batch, Example, TokenizedData, collate
 from ..dist import DistContext, apply_strategy, current_context, full_tensor, is_sharded, sync_gradients
 from ..dist import checkpoint as dist_ckpt
+from ..dist.oom import explain_out_of_memory
+from ..dist.shard import compute_device
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, build_config
 from .metrics import MetricsLogger
@@ -111,7 +113,7 @@ class Trainer:
         cfg = self.config
         self.model = model
         self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
+        self.device = compute_device(model)  # a model sharded with cpu_offload keeps its shards on the host
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("the model has no trainable parameters; call kbit.add_lora(model) first")
         self.dist: DistContext = current_context(self.device)
@@ -123,11 +125,6 @@ class Trainer:
 
         self.use_bf16 = resolve_bf16(cfg, self.device)
         self.mask_dtype = torch.bfloat16 if self.use_bf16 else getattr(model, "dtype", torch.float32)
-        self.gradient_checkpointing = (
-            cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else self.device.type == "cuda"
-        )
-        if self.gradient_checkpointing:
-            _enable_checkpointing(model)
         forward_args = inspect.signature(model.forward).parameters  # read before the fast path re-binds forward
         self.keep_logits = "logits_to_keep" in forward_args
         self.no_cache = {"use_cache": False} if "use_cache" in forward_args else {}
@@ -138,6 +135,9 @@ class Trainer:
 
             self.fast_path_line = apply_fast_path(model)
             self.fused_loss = uses_fused_loss(model)
+        # After the fast path (the plan's probe measures the patched layers), before FSDP shards them.
+        self.memory_plan = self._plan_memory(model)
+        self.gradient_checkpointing = any(mode != "none" for mode in self.memory_plan.modes)
         # FSDP shards `model` in place (its parameters become DTensor shards); DDP returns a wrapper to call.
         self.forward_model, self.strategy = apply_strategy(model, self.dist, cfg.strategy, cfg.cpu_offload)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -173,6 +173,46 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.metrics: MetricsLogger | None = None
         self._rng_before_step: dict[str, Any] | None = None
+
+    def _plan_memory(self, model: torch.nn.Module):
+        """Choose what each decoder layer keeps for the backward (:mod:`kbit.models.memory_plan`) and apply it."""
+        from ..estimate import OPTIMIZER_BYTES
+        from ..models.checkpointing import set_checkpointing
+        from ..models.memory_plan import free_device_bytes, plan_memory, step_bytes
+
+        cfg = self.config
+        mode, why = cfg.resolved_memory_plan(self.device.type), "as configured"
+        if mode == "speed" and is_sharded(model):  # the probe would run FSDP's hooks out of order
+            mode, why = "full", "speed is not planned for a model that FSDP already shards"
+        batch = cfg.per_device_train_batch_size
+        seq_len = min(cfg.max_seq_len, max((len(e.input_ids) for e in self.train_examples), default=1))
+        free = reserve = None
+        if mode == "speed" and self.device.type == "cuda":
+            free = free_device_bytes(self.device)
+            if self.dist.distributed:  # one plan on every rank: the tightest rank's memory decides
+                free = -int(self.dist.all_reduce([-free], op="max")[0])
+            reserve = step_bytes(model, batch, seq_len, OPTIMIZER_BYTES.get(cfg.optim, 8.0), self.fused_loss)
+        try:
+            plan = plan_memory(
+                model,
+                mode,
+                batch,
+                seq_len,
+                free_bytes=free,
+                reserve_bytes=reserve or 0,
+                autocast=self.autocast,
+                why=why,
+            )
+            set_checkpointing(model, plan.modes)
+        except ValueError as e:
+            raise ConfigError(f"memory_plan: {e}") from None
+        if mode == "memory" and self.device.type == "cuda" and not is_sharded(model):
+            from ..models.memory_plan import MemoryPlan
+            from ..models.offload import offload_input_embeddings
+
+            # the frozen input embedding table (1 GiB for an 8B model) waits in host memory; rows go over per step
+            plan = MemoryPlan(plan.modes, f"{plan.line}; {offload_input_embeddings(model)}")
+        return plan
 
     # ---- data ----------------------------------------------------------------------------------------------
 
@@ -331,14 +371,18 @@ class Trainer:
                     t0 = time.perf_counter()
                     first = self.step * self.accum
                     micro = [self.micro_batch(m) for m in range(first, first + self.accum)]
-                    loss = self.accumulate(micro).item()
-                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-                    # Under FSDP the norm is a DTensor over the shards; its full value is the global norm.
-                    grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm)).item()
-                    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                        self._diverged(loss, grad_norm)
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    self.optimizer.step()
+                    # out of memory: one line naming this rank, its micro-batches and kbit's estimate for it
+                    with explain_out_of_memory(self.dist, self.model, micro, step=self.step + 1,
+                                               strategy=self.strategy, optim=cfg.optim, cpu_offload=cfg.cpu_offload,
+                                               gradient_checkpointing=self.gradient_checkpointing):  # fmt: skip
+                        loss = self.accumulate(micro).item()
+                        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+                        # Under FSDP the norm is a DTensor over the shards; its full value is the global norm.
+                        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm)).item()
+                        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                            self._diverged(loss, grad_norm)
+                        lr = self.optimizer.param_groups[0]["lr"]
+                        self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.step += 1
@@ -429,10 +473,10 @@ class Trainer:
             f"training {trainable:,d} parameters on {len(self.train_examples)} sequences "
             f"({self.batches_per_epoch} micro-batches of {self.batch_size}{ranks} per epoch), "
             f"{self.total_steps} steps of {self.accum} micro-batch(es)",
-            f"device {self.device}, {'bf16 autocast' if self.use_bf16 else 'no autocast'}, gradient "
-            f"checkpointing {'on' if self.gradient_checkpointing else 'off'}, optimizer "
+            f"device {self.device}, {'bf16 autocast' if self.use_bf16 else 'no autocast'}, optimizer "
             f"{type(self.optimizer).__name__}, lr {cfg.learning_rate:g} ({cfg.lr_scheduler_type}, warmup "
             f"{warmup_steps(cfg, self.total_steps)} steps)",
+            self.memory_plan.line,
             f"output: {self.output_dir} (metrics.jsonl, loss_curve.png, checkpoints); {self.metrics.tensorboard_note}",
         ]
         if self.fast_path_line:
@@ -572,21 +616,6 @@ class _RankMetrics:
 
     def close(self) -> None:
         return None
-
-
-def _enable_checkpointing(model: torch.nn.Module) -> None:
-    """transformers' activation checkpointing, non-reentrant: it needs no input that requires grad (under
-    LoRA the embeddings are frozen) and works with any number of outputs."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23 renamed it
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise ConfigError(
-            f"gradient_checkpointing: {type(model).__name__} has no activation_checkpointing_enable(); "
-            "set gradient_checkpointing false"
-        )
 
 
 def _pad_token_id(tokenizer: Any) -> int:

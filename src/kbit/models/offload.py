@@ -1,0 +1,162 @@
+"""What the memory plan moves to host memory: recomputed layers' saved inputs, and the input embedding table.
+
+Full checkpointing keeps one tensor per decoder layer on the GPU between forward and backward: the layer's
+input, from which the backward recomputes the layer (layers x tokens x hidden x 2 bytes; 4 GiB for the
+Llama-3-8B shape at 8 x 2048, 105 GB at 400k tokens). Offload moves each to host memory while the forward goes
+on and brings it back one layer ahead in the backward, so the copies overlap with compute:
+
+- forward: ``torch.utils.checkpoint`` (non-reentrant) saves its inputs as saved tensors outside its own hooks,
+  so a ``saved_tensors_hooks`` pair around the call sees exactly those (the layer's inner saves go to
+  checkpoint's hooks, which store nothing). The pack hook copies the layer input into pinned host memory on a
+  side stream, after the compute stream's work so far; ``record_stream`` keeps the allocator from reusing the
+  GPU tensor's memory before the copy has read it. The forward never waits for a copy.
+- backward: unpacking layer i's input (the start of its recomputation) starts the copy back of the input packed
+  before it, layer i-1's, on the side stream; the compute stream waits on that copy's event only when layer i-1
+  needs it. The first input needed (the last layer's) is copied back when asked for.
+
+On a CPU the same code runs with a separate host copy in place of the pinned one and no streams, so the CPU
+tests exercise the packing, the prefetch chain and the gradients.
+
+:class:`HostEmbedding` keeps a frozen input embedding table in host memory and sends only the looked-up rows over.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class SavedInput:
+    """One layer input held in host memory, copied back to its device ahead of time or when unpacked."""
+
+    __slots__ = ("host", "device", "stream", "previous", "fetched", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor, stream: torch.cuda.Stream | None, previous: weakref.ref | None):
+        self.device, self.stream, self.previous = tensor.device, stream, previous
+        self.fetched: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        with torch.no_grad():  # pack hooks run under grad mode; the copy is not part of the graph
+            if stream is None:
+                self.host = tensor.detach().clone()
+                return
+            self.host = torch.empty_like(tensor, device="cpu", pin_memory=True)
+            stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the input has been written by then
+            with torch.cuda.stream(stream):
+                self.host.copy_(tensor, non_blocking=True)
+            tensor.record_stream(stream)  # its memory is reused only after the copy has read it
+
+    def fetch(self) -> None:
+        """Start the copy back to the device (once; a no-op while one is pending)."""
+        if self.fetched is not None:
+            return
+        if self.stream is None:
+            self.fetched = (self.host.clone(), None)
+            return
+        out = torch.empty_like(self.host, device=self.device)  # allocated for the compute stream, which uses it
+        # The block may still be read by queued compute-stream kernels that freed it: the copy waits for them.
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            out.copy_(self.host, non_blocking=True)  # after this input's own copy out: same stream
+            done = torch.cuda.Event()
+            done.record()
+        out.record_stream(self.stream)
+        self.fetched = (out, done)
+
+    def unpack(self) -> torch.Tensor:
+        """The input on its device, ready for the compute stream; starts fetching the one needed next."""
+        self.fetch()
+        out, done = self.fetched
+        self.fetched = None  # a second backward (retain_graph) copies again
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+        previous = self.previous() if self.previous is not None else None
+        if previous is not None:
+            previous.fetch()  # overlaps with this layer's recomputation and backward
+        return out
+
+
+def _unpack(saved: Any) -> Any:
+    return saved.unpack() if isinstance(saved, SavedInput) else saved
+
+
+class Offloader:
+    """The checkpoint function of offloaded layers: one per model, holding its side streams and the chain of
+    inputs packed in the current forward (each links to the one before it, weakly: a freed graph frees them)."""
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._last: weakref.ref | None = None
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream | None:
+        if device.type != "cuda":
+            return None
+        if device not in self._streams:
+            self._streams[device] = torch.cuda.Stream(device=device)
+        return self._streams[device]
+
+    def checkpoint(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Non-reentrant ``torch.utils.checkpoint`` of ``function(*args)``, its first argument kept in host memory."""
+        # A list emptied after the call, not a closure over the tensor: the pack hook lives as long as the saved
+        # tensor does and would otherwise keep the GPU input alive.
+        target = [args[0]] if args and isinstance(args[0], torch.Tensor) else []
+
+        def pack(t: torch.Tensor) -> Any:
+            if not target or t is not target[0]:
+                return t  # other saved inputs (none from transformers' layers, whose kwargs are bound) stay put
+            saved = SavedInput(t, self._stream(t.device), self._last)
+            self._last = weakref.ref(saved)
+            return saved
+
+        kwargs.setdefault("use_reentrant", False)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+                return checkpoint(function, *args, **kwargs)
+        finally:
+            target.clear()
+
+
+class HostEmbedding(nn.Module):
+    """An input embedding whose table stays in host memory: token ids are looked up on the CPU and only the rows,
+    [B, T, H], go to the device, so the [vocab, H] table (1 GiB for Llama-3-8B) takes no GPU memory.
+
+    The table is a buffer named ``weight``: the state dict keeps its key, ``parameters()`` (and so the optimizer and
+    anything that finds a model's device from its first parameter) no longer see it. Frozen tables only.
+    """
+
+    def __init__(self, embedding: nn.Embedding, device: torch.device):
+        super().__init__()
+        embedding.to("cpu")  # in place: its table and buffers (Gemma's scale), where the lookup runs
+        self.register_buffer("weight", embedding.weight.detach())  # the same storage, under the same key
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+        self.device = device  # where the looked-up rows go: the decoder layers'
+        self.inner = [embedding]  # in a list, not a submodule: its parameter stays out of parameters()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        inner = self.inner[0]
+        rows = inner(ids.to(inner.weight.device))  # the family's own lookup (Gemma scales the rows)
+        if rows.device.type == "cpu" and self.device.type == "cuda":
+            return rows.pin_memory().to(self.device, non_blocking=True)
+        return rows.to(self.device)
+
+
+def offload_input_embeddings(model: nn.Module) -> str:
+    """Move ``model``'s frozen, untied input embedding table to host memory (:class:`HostEmbedding`); returns a line."""
+    hf = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    emb = hf.get_input_embeddings()
+    if isinstance(emb, HostEmbedding):
+        return "input embeddings: in CPU memory"
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if not isinstance(emb, nn.Embedding):
+        return f"input embeddings: kept on the GPU ({type(emb).__name__} is not an nn.Embedding)"
+    if head is not None and getattr(head, "weight", None) is emb.weight:
+        return "input embeddings: kept on the GPU (tied to the LM head, which the GPU needs)"
+    if emb.weight.requires_grad:
+        return "input embeddings: kept on the GPU (they are trained)"
+    host = HostEmbedding(emb, emb.weight.device)
+    hf.set_input_embeddings(host)
+    return f"input embeddings: {host.weight.nbytes / 2**30:.2f} GiB table moved to CPU memory"
