@@ -51,20 +51,31 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def rotating_us(fn, items: list) -> float:
-    """Median microseconds of ``fn(*item)``, cycling through ``items`` (so weights are read from memory, not L2)."""
-    from triton.testing import do_bench
+def rotating_us(fn, items: list, reps: int = 20) -> float:
+    """Median microseconds of one ``fn(*item)``, each item once per replay of a CUDA graph that calls all of them.
 
-    state = {"i": 0}
+    Weights rotate so they come from HBM, not L2; the graph removes the host's launch cost, as in the decoder,
+    so the number is the kernel's own time plus the gap between two graph nodes."""
+    for item in items[:2]:
+        fn(*item)  # compile and warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for item in items:
+            fn(*item)
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(items))
+    return sorted(times)[len(times) // 2]
 
-    def call():
-        state["i"] = (state["i"] + 1) % len(items)
-        return fn(*items[state["i"]])
 
-    return do_bench(call, warmup=50, rep=300, return_mode="median") * 1e3
-
-
-def gemv_rows(copy_bw: float) -> None:
+def gemv_rows(copy_bw: float, label: str = "kbit", row_counts: tuple[int, ...] = (1, 4, 16)) -> None:
     from functools import partial
 
     from kbit.kernels import dispatch
@@ -83,11 +94,11 @@ def gemv_rows(copy_bw: float) -> None:
         theirs = [quant(w) for w in weights] if bnb else []
         del weights
         packed, state = ours[0]
-        for rows in (1, 4, 16):
+        for rows in row_counts:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             nbytes = packed.numel() + state.absmax.numel() + 4 * state.nested_absmax.numel() + 2 * rows * (n + k)
             us = rotating_us(partial(dispatch.gemv_4bit, x), ours)  # what the decoder calls: fused at 1 row
-            row = dict(part="gemv", shape=f"{n}x{k}", rows=rows, kbit_us=round(us, 1),
+            row = dict(part="gemv", stack=label, shape=f"{n}x{k}", rows=rows, kbit_us=round(us, 1),
                        kbit_bw_frac=round(nbytes / (us * 1e-6) / copy_bw, 3))  # fmt: skip
             if theirs:
                 bus = rotating_us(lambda p, s, x=x: bnb.matmul_4bit(x, p.t(), quant_state=s), theirs)
@@ -96,14 +107,16 @@ def gemv_rows(copy_bw: float) -> None:
         torch.cuda.empty_cache()
 
 
-def sweep_configs() -> tuple[int, int, int, int]:
-    """Time GEMV tilings (BLOCK_N, blocks per iteration, warps, stages) at 1 row; returns the best over all shapes."""
+def sweep_configs() -> dict[int, tuple[int, ...]]:
+    """Time GEMV tilings (BLOCK_N, blocks per iteration, warps, stages, prefetch, mode) at 1 row; returns the best
+    over all shapes for each arithmetic mode (exact, factored, and the no-table bandwidth probe)."""
     from functools import partial
 
     from kbit.kernels.triton import gemv4
     from kbit.quant import quantize_4bit
 
-    configs = [(bn, nb, w, st) for bn in (8, 16, 32) for nb in (4, 8, 16) for w in (2, 4) for st in (2, 4)]
+    configs = [(bn, nb, w, 1, 1, mode) for mode in (0, 1, 2) for bn in (4, 8, 16) for nb in (4, 8, 16)
+               for w in (2, 4)]  # fmt: skip
     total = dict.fromkeys(configs, 0.0)
     for n, k in ((14336, 4096), (4096, 4096), (4096, 14336)):
         copies = max(2, -(-200 * 2**20 // (n * k // 2)))
@@ -118,9 +131,12 @@ def sweep_configs() -> tuple[int, int, int, int]:
                 total[cfg] = float("inf")
         del qs
         torch.cuda.empty_cache()
-    ranked = sorted(total.items(), key=lambda kv: kv[1])
-    emit(part="sweep", best=[dict(config=c, sum_us=round(us, 1)) for c, us in ranked[:5]])
-    return ranked[0][0]
+    best = {}
+    for mode in (0, 1, 2):
+        ranked = sorted(((c, us) for c, us in total.items() if c[5] == mode), key=lambda kv: kv[1])
+        emit(part="sweep", mode=mode, best=[dict(config=c, sum_us=round(us, 1)) for c, us in ranked[:5]])
+        best[mode] = ranked[0][0]
+    return best
 
 
 def add_adapters(model: nn.Module, rank: int = 16) -> None:
@@ -158,6 +174,33 @@ def time_kbit(model: nn.Module, batch: int, prompt: int, new: int, label: str) -
     emit(part="generate", stack=label, batch=batch, new_tokens=new, ttft_ms=round(ttft * 1e3, 1),
          tok_s_per_seq=round((new - 1) / decode_s, 1), tok_s_total=round(batch * (new - 1) / decode_s, 1),
          capture_s=round(capture_s, 2), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))  # fmt: skip
+
+
+def profile_step(model: nn.Module, label: str, steps: int = 5) -> None:
+    """GPU time per decode step by kernel (eager step, batch 1): where a token's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kbit.decode import Decoder
+
+    dec = Decoder(model, 1, 256, graph=False)
+    dec.pos.zero_()
+    tok = dec.prefill(0, torch.randint(0, model.config.vocab_size, (32,), device="cuda")).argmax().view(1)
+    for _ in range(3):
+        tok = dec.step(tok).argmax(-1)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tok = dec.step(tok).argmax(-1)
+        torch.cuda.synchronize()
+    rows = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
+    total = sum(getattr(e, "self_device_time_total", 0) for e in rows) / steps
+    top = sorted(rows, key=lambda e: -getattr(e, "self_device_time_total", 0))[:25]
+    emit(part="profile", stack=label, kernel_us_per_step=round(total, 1),
+         kernels_per_step=round(sum(e.count for e in rows) / steps, 1),
+         top=[dict(name=e.key[:90], us=round(e.self_device_time_total / steps, 1), calls=e.count // steps)
+              for e in top])  # fmt: skip
+    del dec
+    torch.cuda.empty_cache()
 
 
 def bnb_model(config) -> nn.Module:
@@ -223,7 +266,8 @@ def main() -> None:
     p.add_argument("--peer-tokens", type=int, default=32)
     p.add_argument("--skip-gemv", action="store_true")
     p.add_argument("--skip-peers", action="store_true")
-    p.add_argument("--sweep", action="store_true", help="time GEMV tilings first (picks CONFIG_ROW / CONFIG_DOT)")
+    p.add_argument("--sweep", action="store_true", help="time GEMV tilings first (sets gemv4.CONFIG)")
+    p.add_argument("--profile", action="store_true", help="also profile one eager decode step by kernel")
     p.add_argument("--unsloth", action="store_true", help="also run Unsloth's inference mode (needs its wheels)")
     p.add_argument("--peer-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "bench",
                    help="folder of the peer scripts (../shared/bench)")  # fmt: skip
@@ -234,7 +278,10 @@ def main() -> None:
     if args.sweep:
         from kbit.kernels.triton import gemv4
 
-        gemv4.CONFIG = sweep_configs()  # the rest of the run uses the winner
+        best = sweep_configs()
+        gemv4.CONFIG = best[gemv4.FACTORED]
+        gemv_rows(bw, "kbit factored", (1,))
+        gemv4.CONFIG = best[gemv4.EXACT]  # the rest of the run uses the winner of the default (exact) mode
     if not args.skip_gemv:
         gemv_rows(bw)
 
@@ -242,9 +289,13 @@ def main() -> None:
     model.eval()
     for b in args.batches:
         time_kbit(model, b, args.prompt, args.new_tokens, "kbit")
+    if args.profile:
+        profile_step(model, "kbit")
     add_adapters(model)
     for b in args.batches:
         time_kbit(model, b, args.prompt, args.new_tokens, "kbit + LoRA r16 (unmerged)")
+    if args.profile:
+        profile_step(model, "kbit + LoRA r16 (unmerged)")
     del model
     torch.cuda.empty_cache()
 
@@ -269,12 +320,12 @@ def main() -> None:
             print(
                 f"| {r['stack']} | {r['batch']} | {r['tok_s_per_seq']} | {r['tok_s_total']} | {r.get('ttft_ms', '')} |"
             )
-    print("\n| GEMV shape | rows | kbit µs | kbit / copy bw | bnb µs | bnb / copy bw |")
-    print("|---|---|---|---|---|---|")
+    print("\n| GEMV | shape | rows | kbit µs | kbit / copy bw | bnb µs | bnb / copy bw |")
+    print("|---|---|---|---|---|---|---|")
     for r in ROWS:
         if r["part"] == "gemv":
-            print(f"| {r['shape']} | {r['rows']} | {r['kbit_us']} | {r['kbit_bw_frac']} | {r.get('bnb_us', '')} | "
-                  f"{r.get('bnb_bw_frac', '')} |")  # fmt: skip
+            print(f"| {r['stack']} | {r['shape']} | {r['rows']} | {r['kbit_us']} | {r['kbit_bw_frac']} | "
+                  f"{r.get('bnb_us', '')} | {r.get('bnb_bw_frac', '')} |")  # fmt: skip
 
 
 if __name__ == "__main__":

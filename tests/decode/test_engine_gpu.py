@@ -1,8 +1,10 @@
-"""On the GPU: the CUDA-graph decoder with the fused 4-bit GEMV against transformers' generate on the same modules.
+"""On the GPU: the CUDA-graph decoder with the fused kernels against transformers' generate on the same modules.
 
-The model is a random bf16 Llama whose head is scaled up so that the top token leads by a wide margin: the fused
-GEMV sums in another order than cuBLAS, and on a random model with near-uniform logits a one-ulp difference could
-flip a near-tie, which would test luck rather than the decoder.
+The model is a random bf16 Llama whose head is scaled up so that the top token usually leads by a wide margin. The
+fused GEMV and norms sum in another order than cuBLAS and torch, so logits differ by about one bf16 ulp; where the
+reference's two best logits are equal in bf16 (a tie its argmax breaks by index) either token is greedy. So the
+tokens must equal transformers' up to the first such tie, and every token must be a greedy choice of transformers'
+own logits for the sequence (its logit within one bf16 ulp of the best).
 """
 
 from __future__ import annotations
@@ -44,6 +46,25 @@ def _reference(model, ids, n):
     return out[0, ids.numel() :].tolist()
 
 
+def _ulp(v: torch.Tensor) -> torch.Tensor:
+    """One bf16 ulp at |v| (8 significant bits)."""
+    return torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(1e-30))) - 7)
+
+
+def assert_greedy(model, ids, ours, ref):
+    """``ours`` equals ``ref`` up to the first reference tie, and each token is greedy under transformers' logits."""
+    with torch.no_grad():
+        seq = torch.cat([ids, torch.tensor(ours, device=ids.device)])
+        logits = model(seq.view(1, -1)).logits[0, ids.numel() - 1 : -1].float()
+    best = logits.max(-1).values
+    picked = logits.gather(-1, torch.tensor(ours, device=ids.device).view(-1, 1))[:, 0]
+    assert (picked >= best - _ulp(best)).all(), (picked - best).min().item()
+    diverge = next((i for i, (a, b) in enumerate(zip(ours, ref, strict=True)) if a != b), None)
+    if diverge is not None:  # only a tie in the reference may split the two sequences
+        top2 = logits[diverge].topk(2).values
+        assert top2[0] - top2[1] <= _ulp(top2[0]), (diverge, top2.tolist())
+
+
 def test_projection_uses_the_fused_kernel_and_matches_the_module(monkeypatch):
     from kbit.kernels.triton import gemv4
 
@@ -64,7 +85,7 @@ def test_graph_decoder_tokens_equal_transformers():
     ids = torch.randint(0, 1024, (32,), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     (ours,) = decode(model, [ids], 64, end_ids=[])
     assert model._kbit_decoder.graph is not None
-    assert ours == _reference(model, ids, 64)
+    assert_greedy(model, ids, ours, _reference(model, ids, 64))
     assert len(set(ours)) > 3
 
 
@@ -85,7 +106,8 @@ def test_batch_rows_equal_single_prompts_on_gpu():
     g = torch.Generator("cuda").manual_seed(1)
     prompts = [torch.randint(0, 1024, (t,), device="cuda", generator=g) for t in (5, 40, 17, 23)]
     batch = decode(model, prompts, 48, end_ids=[])
-    assert batch == [_reference(model, p, 48) for p in prompts]
+    for p, ours in zip(prompts, batch, strict=True):
+        assert_greedy(model, p, ours, _reference(model, p, 48))
 
 
 def test_adapter_changes_reach_the_captured_graph():
@@ -100,4 +122,18 @@ def test_adapter_changes_reach_the_captured_graph():
             layer.lora_B.weight.normal_(0, 0.05)
     after = decode(model, [ids], 32, end_ids=[])[0]
     assert model._kbit_decoder.graph is graph  # the same capture, reading the refreshed copies
-    assert after == _reference(model, ids, 32) and after != before
+    assert after != before
+    assert_greedy(model, ids, after, _reference(model, ids, 32))
+
+
+def test_input_embeddings_in_host_memory_decode_the_same_tokens():
+    """The trainer's memory mode keeps the embedding table on the CPU: the step looks rows up outside its graph."""
+    from kbit.models.offload import offload_input_embeddings
+
+    model = _model(5)
+    ids = torch.randint(0, 1024, (7,), device="cuda", generator=torch.Generator("cuda").manual_seed(5))
+    before = decode(model, [ids], 24, end_ids=[])
+    assert "moved to CPU memory" in offload_input_embeddings(model)
+    assert decode(model, [ids], 24, end_ids=[]) == before
+    dec = model._kbit_decoder
+    assert dec.host_rows is not None and dec.graph is not None

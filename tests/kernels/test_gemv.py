@@ -1,7 +1,8 @@
 """The fused 4-bit GEMV (decode-sized ``x @ dequant(W)^T + b + s·(x A^T) B^T``) against dequantize-then-matmul.
 
-The kernel multiplies the same rounded weights the dequantizer writes, in float32, so it is held to float32
-summation-order error against a float64 reference built from the dequantized weights (not to bf16 tolerance).
+In its default (exact) mode the kernel multiplies the same rounded weights the dequantizer writes, in float32, so
+it is held to float32 summation-order error plus one output rounding against a float64 reference built from the
+dequantized weights; the factored mode (scale times block sum) to the bf16 output tolerance.
 Runs on a GPU, or through Triton's interpreter with ``TRITON_INTERPRET=1 KBIT_TRITON_TEST_DEVICE=cpu``.
 """
 
@@ -61,6 +62,27 @@ def test_gemv_matches_dequantized_matmul(shape, nested, extras, quant_type):
     assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("mode", ["exact", "factored"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_modes_and_pipelining(prefetch, mode, dtype):
+    """Both arithmetic modes, with and without the next-tile prefetch, a ragged last tile (K not a multiple of
+    the tile), and a float16 row."""
+    g = torch.Generator().manual_seed(prefetch + 2 * (mode == "exact"))
+    n, k = (40, 448) if INTERPRET else (1000, 4032)
+    w = (torch.randn(n, k, generator=g) * 0.02).to(dtype).to(DEV)
+    packed, state = quantize_4bit(w, "nf4", 64, True)
+    x = torch.randn(1, k, generator=g).to(dtype).to(DEV)
+    arith = gemv4.EXACT if mode == "exact" else gemv4.FACTORED
+    y = gemv4.gemv_4bit(x, packed, state, config=(8, 4, 2, 1, prefetch, arith))
+    deq = dequantize_4bit(packed, state, out_dtype=dtype)
+    ref = _reference(x, deq, None, None, None, 1.0)
+    assert y.dtype == dtype
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3
+    if mode == "exact":  # the same weights: only float32 summation order differs, then one rounding
+        assert ((y.double() - ref).abs() <= ref.abs() * 2**-7 + 1e-6).all()
+
+
 @pytest.mark.parametrize("blocksize", [32, 128, 256])
 def test_other_blocksizes(blocksize):
     rows = 1
@@ -85,3 +107,38 @@ def test_more_rows_take_the_dequantize_path():
         gemv4.gemv_4bit(x, packed, state)
     expect = torch.nn.functional.linear(x, dequantize_4bit(packed, state, out_dtype=torch.bfloat16))
     assert torch.equal(dispatch.gemv_4bit(x, packed, state), expect)
+
+
+def test_residual_is_added_as_a_separate_addition():
+    g = torch.Generator().manual_seed(11)
+    n, k = (64, 256) if INTERPRET else (4096, 4096)
+    w = (torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16).to(DEV)
+    packed, state = quantize_4bit(w, "nf4", 64, True)
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16).to(DEV)
+    res = torch.randn(1, n, generator=g).to(torch.bfloat16).to(DEV)
+    xa = torch.randn(1, 8, generator=g).to(torch.bfloat16).to(DEV)
+    lora_b = (torch.randn(n, 8, generator=g) * 0.1).to(torch.bfloat16).to(DEV)
+    plain = gemv4.gemv_4bit(x, packed, state, None, xa, lora_b, 0.5)
+    fused = gemv4.gemv_4bit(x, packed, state, None, xa, lora_b, 0.5, residual=res)
+    assert torch.equal(fused, plain + res)  # bit for bit: the kernel rounds, then adds as torch's add does
+
+
+@pytest.mark.parametrize("k", [256, 1000] if INTERPRET else [4096, 14336, 1000])
+def test_lora_down_partials_feed_the_epilogue(k):
+    """lora_down's float32 slices summed in the GEMV's epilogue equal F.linear(x, A) (rounded as it rounds)."""
+    g = torch.Generator().manual_seed(k)
+    n, r = 64, 48
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16).to(DEV)
+    a = (torch.randn(r, k, generator=g) * 0.05).to(torch.bfloat16).to(DEV)
+    parts = gemv4.lora_down(x, a)
+    assert parts.shape == (-(-k // gemv4.LORA_DOWN_BK), r) and parts.dtype == torch.float32
+    ref = x.double() @ a.double().t()
+    assert torch.allclose(parts.double().sum(0, keepdim=True), ref, rtol=1e-5, atol=1e-5)
+    # a column slice of the stacked partials (q's part of q/k/v) is what the decoder passes
+    w = (torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16).to(DEV)
+    packed, state = quantize_4bit(w, "nf4", 64, True)
+    lora_b = (torch.randn(n, 16, generator=g) * 0.1).to(torch.bfloat16).to(DEV)
+    xa_bf16 = (x.float() @ a.float().t()).to(torch.bfloat16)[:, 16:32]
+    y_parts = gemv4.gemv_4bit(x, packed, state, None, parts[:, 16:32], lora_b, 2.0)
+    y_rounded = gemv4.gemv_4bit(x, packed, state, None, xa_bf16, lora_b, 2.0)
+    assert ((y_parts.float() - y_rounded.float()).abs() <= y_rounded.float().abs() * 2**-7 + 1e-3).all()

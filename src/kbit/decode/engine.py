@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import dispatch
+from ..kernels import apply_rotary, dispatch, rms_norm, swiglu
 from ..lora.layer import LoRALinear
 from ..nn import Linear4bit
 from ..quant import as_bytes
@@ -69,23 +69,27 @@ def _lora_parts(module: nn.Module):
     return None
 
 
-def project(module: nn.Module, x: torch.Tensor, xa: torch.Tensor | None = None) -> torch.Tensor:
-    """``module(x)`` for x [rows, in]; one row on CUDA goes through the fused 4-bit GEMV when the module allows it.
+def project(
+    module: nn.Module, x: torch.Tensor, xa: torch.Tensor | None = None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``module(x) (+ residual)`` for x [rows, in]; one row on CUDA goes through the fused 4-bit GEMV when the module
+    allows it, the residual added in its epilogue.
 
     ``xa`` is ``x A^T`` of a LoRA module when the caller already has it (one matmul for the adapters of q, k and v).
     """
     if x.shape[0] == 1 and x.is_cuda:
-        if isinstance(module, Linear4bit):
+        if isinstance(module, Linear4bit) and (residual is None or residual.dtype == module.compute_dtype):
             xc = x.to(module.compute_dtype)
-            return dispatch.gemv_4bit(xc, as_bytes(module.weight), module.quant_state, module.bias)
+            return dispatch.gemv_4bit(xc, as_bytes(module.weight), module.quant_state, module.bias, residual=residual)
         parts = _lora_parts(module)
-        if parts is not None:
+        if parts is not None and (residual is None or residual.dtype == parts[0].compute_dtype):
             base, a, b, scale = parts
             xc = x.to(base.compute_dtype)
             if xa is None:
-                xa = F.linear(xc.to(a.dtype), a)  # [rows, r]: one small matmul shared by every output block
-            return dispatch.gemv_4bit(xc, as_bytes(base.weight), base.quant_state, base.bias, xa, b, scale)
-    return module(x)
+                xa = dispatch.lora_down(xc.to(a.dtype), a)  # one small launch shared by every output block
+            return dispatch.gemv_4bit(xc, as_bytes(base.weight), base.quant_state, base.bias, xa, b, scale, residual)
+    y = module(x)
+    return y if residual is None else residual + y
 
 
 class _SharedInput:
@@ -109,7 +113,7 @@ class _SharedInput:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.stack is None or x.shape[0] != 1 or not x.is_cuda:
             return [project(m, x) for m in self.modules]
-        xas = F.linear(x.to(self.stack.dtype), self.stack).split(self.ranks, dim=1)
+        xas = dispatch.lora_down(x.to(self.stack.dtype), self.stack).split(self.ranks, dim=1)
         return [project(m, x, xa) for m, xa in zip(self.modules, xas, strict=True)]
 
 
@@ -122,6 +126,12 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     # x [B, heads, T, D]; cos/sin [B, T, D] (transformers' apply_rotary_pos_emb, unsqueezed on the head axis)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + _rotate_half(x) * sin
+
+
+def _norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The family's RMSNorm (Llama's rounding: weight times the normalised x in x's dtype) as one fused op."""
+    eps = module.variance_epsilon if hasattr(module, "variance_epsilon") else module.eps
+    return rms_norm(x, module.weight, eps, 0.0, True, torch.promote_types(module.weight.dtype, x.dtype))
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **kw) -> torch.Tensor:
@@ -137,7 +147,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, **k
 class Decoder:
     """Static-cache decoding of ``batch`` rows of at most ``max_len`` tokens each (prompt + reply)."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, graph: bool | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, batch: int, max_len: int, graph: bool | None = None, fused: bool = True
+    ) -> None:
         reason = unsupported_reason(model, max_len)
         if reason:
             raise ValueError(f"the static decoder cannot run this model: {reason}")
@@ -150,17 +162,26 @@ class Decoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.scale = self.head_dim**-0.5
         emb = model.get_input_embeddings()
-        self.device = emb.weight.device
+        self.device = _device(model)
         self.qkv = [
             _SharedInput([la.self_attn.q_proj, la.self_attn.k_proj, la.self_attn.v_proj]) for la in self.body.layers
         ]
         self.gate_up = [_SharedInput([la.mlp.gate_proj, la.mlp.up_proj]) for la in self.body.layers]
+        # fused: kbit's RMSNorm / RoPE / SwiGLU kernels (rounded as the unfused ops round) instead of the modules'.
+        self.fused = fused
+        self.silu = fused and getattr(cfg, "hidden_act", None) in ("silu", "swish")
         self.dtype = next((p.dtype for p in self.body.layers[0].input_layernorm.parameters()), emb.weight.dtype)
         shape = (batch, self.kv_heads, max_len, self.head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.body.layers]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.body.layers]
         # Static step inputs/outputs: the graph reads and writes these tensors and no others.
         self.tok = torch.zeros(batch, dtype=torch.long, device=self.device)
+        # A table kept in host memory is looked up outside the graph (a CPU op cannot be captured) into this buffer.
+        self.host_rows = (
+            torch.zeros(batch, 1, cfg.hidden_size, dtype=self.dtype, device=self.device)
+            if emb.weight.device != self.device
+            else None
+        )
         self.pos = torch.zeros(batch, dtype=torch.long, device=self.device)
         self.rows = torch.arange(batch, device=self.device)
         self.keys = torch.arange(max_len, device=self.device)
@@ -172,34 +193,37 @@ class Decoder:
 
     # ---- the layers ----
 
+    def _norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return _norm(module, x) if self.fused else module(x)
+
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, write, attend) -> torch.Tensor:
         """Run every decoder layer on x [B, T, hidden]; ``write(i, k, v)`` stores the new keys, ``attend`` reads."""
         b, t, _ = x.shape
         cos, sin = self.body.rotary_emb(x, positions)
         for i, layer in enumerate(self.body.layers):
             att = layer.self_attn
-            h = layer.input_layernorm(x).view(b * t, -1)
+            h = self._norm(layer.input_layernorm, x).view(b * t, -1)
             q, k, v = self.qkv[i](h)
             q = q.view(b, t, self.heads, self.head_dim)
             k = k.view(b, t, self.kv_heads, self.head_dim)
             v = v.view(b, t, self.kv_heads, self.head_dim)
             if hasattr(att, "q_norm"):  # Qwen3 normalises each head before the rotation
-                q, k = att.q_norm(q), att.k_norm(k)
+                q, k = self._norm(att.q_norm, q), self._norm(att.k_norm, k)
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+            q, k = apply_rotary(q, k, cos, sin) if self.fused else (_rope(q, cos, sin), _rope(k, cos, sin))
             write(i, k, v)
             o = attend(i, q, k, v).transpose(1, 2).reshape(b * t, -1)
-            x = x + project(att.o_proj, o).view(b, t, -1)
-            h = layer.post_attention_layernorm(x).view(b * t, -1)
+            x = project(att.o_proj, o, residual=x.view(b * t, -1)).view(b, t, -1)
+            h = self._norm(layer.post_attention_layernorm, x).view(b * t, -1)
             mlp = layer.mlp
             gate, up = self.gate_up[i](h)
-            gated = mlp.act_fn(gate) * up
-            x = x + project(mlp.down_proj, gated).view(b, t, -1)
+            gated = swiglu(gate, up) if self.silu else mlp.act_fn(gate) * up
+            x = project(mlp.down_proj, gated, residual=x.view(b * t, -1)).view(b, t, -1)
         return x
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] of the last position of x [B, T, hidden]."""
-        last = self.body.norm(x[:, -1:, :]).view(x.shape[0], -1)
+        last = self._norm(self.body.norm, x[:, -1:, :]).view(x.shape[0], -1)
         return project(self.model.get_output_embeddings(), last)
 
     @torch.no_grad()
@@ -224,9 +248,11 @@ class Decoder:
 
     def _step_body(self) -> torch.Tensor:
         """One token per row at ``self.pos``: writes the cache, returns logits [B, V]."""
-        x = self.model.get_input_embeddings()(self.tok.view(-1, 1))
+        x = self.host_rows if self.host_rows is not None else self.model.get_input_embeddings()(self.tok.view(-1, 1))
         positions = self.pos.view(-1, 1)
-        mask = (self.keys[None, :] <= self.pos[:, None]).view(self.batch, 1, 1, self.max_len)
+        valid = (self.keys[None, :] <= self.pos[:, None]).view(self.batch, 1, 1, self.max_len)
+        # Additive once per step: given a boolean mask, SDPA would rebuild this in every layer (two launches each).
+        mask = torch.zeros(valid.shape, dtype=self.dtype, device=self.device).masked_fill_(~valid, float("-inf"))
 
         def write(i, k, v):
             self.k[i][self.rows, :, self.pos] = k[:, :, 0]
@@ -260,6 +286,8 @@ class Decoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (at each row's position), advance the positions, return logits [B, V]."""
         self.tok.copy_(tokens)
+        if self.host_rows is not None:
+            self.host_rows.copy_(self.model.get_input_embeddings()(self.tok.view(-1, 1)))
         if self.graph is not None:
             self.graph.replay()
             logits = self.logits
@@ -301,7 +329,8 @@ def structure(model: nn.Module) -> tuple[int, ...]:
 
 
 def _device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    # The decoder layers' device: the input embedding table may be kept on the CPU (the trainer's memory mode).
+    return next(model.model.layers[0].parameters()).device
 
 
 @torch.no_grad()

@@ -77,19 +77,33 @@ def gemv_4bit(
     xa: torch.Tensor | None = None,
     lora_b: torch.Tensor | None = None,
     lora_scale: float = 1.0,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x [M, K] @ dequant(W)^T + bias + lora_scale * xa @ lora_b^T`` in ``x.dtype`` (decode-sized inputs).
+    """``x [M, K] @ dequant(W)^T + bias + lora_scale * xa @ lora_b^T`` in ``x.dtype`` (decode-sized inputs), then
+    ``+ residual`` [M, N] rounded as a separate addition. ``xa`` is ``x A^T`` or :func:`lora_down`'s form of it.
 
     The reference dequantizes W to ``x.dtype`` and multiplies; for one row on CUDA the Triton kernel reads the packed
-    weight once and folds the LoRA branch into its epilogue (same weights, fp32 sums, one rounding).
+    weight once and folds the LoRA branch and the residual into its epilogue (fp32 sums, one rounding).
     """
     raw = raw.reshape(-1)
     if use_triton(x) and x.shape[0] == 1:
         from .triton import gemv4
 
-        if gemv4.supports(state, x.shape[1]):
-            return gemv4.gemv_4bit(x, raw, state, bias, xa, lora_b, lora_scale)
+        if gemv4.supports(state, x.shape[1], x.dtype):
+            return gemv4.gemv_4bit(x, raw, state, bias, xa, lora_b, lora_scale, residual)
     y = torch.nn.functional.linear(x, dequantize_4bit(raw, state, x.dtype), bias)
-    if xa is None:
-        return y
-    return (y.float() + lora_scale * (xa.float() @ lora_b.float().t())).to(x.dtype)
+    if xa is not None:
+        if x.shape[0] == 1 and xa.shape[0] > 1:  # partial sums from lora_down
+            xa = xa.float().sum(0, keepdim=True).to(x.dtype)
+        y = (y.float() + lora_scale * (xa.float() @ lora_b.float().t())).to(x.dtype)
+    return y if residual is None else y + residual
+
+
+def lora_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``x A^T`` for LoRA's down-projection, in the form :func:`gemv_4bit` takes as ``xa``: for one row on CUDA
+    float32 partial sums [S, r] (one launch, summed in the GEMV's epilogue), else ``F.linear(x, a)``."""
+    if use_triton(x) and x.shape[0] == 1:
+        from .triton import gemv4
+
+        return gemv4.lora_down(x, a)
+    return torch.nn.functional.linear(x, a)
