@@ -51,28 +51,12 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def rotating_us(fn, items: list, reps: int = 20) -> float:
-    """Median microseconds of one ``fn(*item)``, each item once per replay of a CUDA graph that calls all of them.
+def rotating_us(fn, items: list) -> float:
+    """Median microseconds of one ``fn(*item)``, the calls rotating over ``items`` (so weights come from HBM, not L2)
+    and replayed from one CUDA graph (no host launch cost, as in the decoder): bench/dequant.py's timer."""
+    from dequant import time_graph
 
-    Weights rotate so they come from HBM, not L2; the graph removes the host's launch cost, as in the decoder,
-    so the number is the kernel's own time plus the gap between two graph nodes."""
-    for item in items[:2]:
-        fn(*item)  # compile and warm up outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for item in items:
-            fn(*item)
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(items))
-    return sorted(times)[len(times) // 2]
+    return time_graph(lambda item: fn(*item), items)
 
 
 def gemv_rows(copy_bw: float, label: str = "kbit", row_counts: tuple[int, ...] = (1, 4, 16)) -> None:
