@@ -4,6 +4,8 @@
     python3 bench/train_step.py --peers seed tuned tuned-liger unsloth
     python3 bench/train_step.py --modes fast-full fast-auto fast-offload fast-memory   # the memory plans
     python3 bench/train_step.py --device cpu --preset tiny --batches 1 --seq-len 64 --steps 2   # smoke test
+    python3 bench/train_step.py --modes fast-auto --batches 8 --warmup 1 --steps 3 --profile    # GPU time per class
+    python3 bench/train_step.py --modes fast-auto --batches 1 --seq-len 400000 --warmup 0 --steps 1  # long context
 
 Model: bench/train_memory.py's random Llama of the preset's shape (NF4 + double quant built directly on the device,
 nothing downloaded; ``--layers N`` keeps the first N decoder layers' shape with fewer of them), LoRA r=16 alpha 32
@@ -31,6 +33,24 @@ matmul rate); "% with recompute" counts what the backward really executes: the f
 (all of them in reference, fast-full, fast-offload and fast-memory, the plan's in fast-auto; fast-selective counts
 as none).
 
+Each row also reports peak pinned host memory (torch's pinned allocator: the offloaded layer inputs, each block
+rounded up to a power of two) and the process's peak resident host memory. Before a mode runs, the bench checks that
+the model passes no attention mask to its layers (transformers' SDPA path at batch 1 without padding: causal
+attention without a T x T mask; another attention implementation would build one) and, on CUDA, that the layer inputs
+the plan offloads fit the host's available memory once rounded as torch pins them; a mode that fails either is
+reported and skipped rather than run into an out-of-memory kill. ``--mlp-chunk N`` forces the patched MLP to run
+inputs longer than N tokens in pieces of N (0: never; default: kbit's automatic rule, pieces of 16,384 tokens above
+16,384 for the 8B shape); ``--sdpa-backend`` restricts PyTorch's attention kernels (flash, efficient, cudnn, math).
+
+``--profile`` runs one more step of each mode and batch under torch.profiler (after the timed ones, so its overhead
+stays out of the table) and prints the GPU time of its kernels by class: 4-bit dequant (kbit's Triton dequantize),
+bf16 matmul (cuBLAS kernels of the base projections), LoRA small matmuls (a matmul with a dimension of 64 or less),
+attention (SDPA's kernels, forward and backward), fused norm/rope/swiglu (kbit's Triton kernels), LM head +
+cross-entropy (the head's matmuls, a dimension equal to the vocabulary, and the fused loss), copies/offload (memcpy,
+memset, dtype and layout copies), other (elementwise adds, LoRA scaling, the optimizer). Kernels are classed by
+their name and by the CPU ops that launched them (their input shapes, the autograd Function around them). On a CPU
+the same table gives each op's self CPU time. ``--trace FILE`` also writes the Chrome trace of that step.
+
 ``--peers`` runs the peer scripts of ../shared/bench (``--peer-dir``), one subprocess per stack after kbit's
 model is freed, when their packages import (transformers + bitsandbytes + PEFT; Liger; Unsloth), and adds the
 tokens/s and peak memory they print to the table: seed / seed-liger (the tutorials' recipe), tuned / tuned-liger
@@ -40,9 +60,12 @@ tokens/s and peak memory they print to the table: seed / seed-liger (the tutoria
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import gc
 import importlib.util
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -59,6 +82,8 @@ MODES = ("reference", "fast-full", "fast-selective", "fast-none", "fast-auto", "
 TINY = dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=1024)  # fmt: skip
 HF, LIGER = ["bitsandbytes", "peft"], ["bitsandbytes", "peft", "liger_kernel"]
+GIB = 2**30
+SDPA_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 PEERS = {  # name -> (script, extra args, packages it needs)
     "seed": ("peer_qlora_step.py", ["--recipe", "seed", "--liger", "0"], HF),
     "seed-liger": ("peer_qlora_step.py", ["--recipe", "seed", "--liger", "1"], LIGER),
@@ -103,8 +128,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def set_mode(model, mode: str, batch: int, seq_len: int) -> tuple[str, int]:
-    """Apply ``mode``'s checkpointing for this batch size; (the line saying what, decoder layers recomputed)."""
+def set_mode(model, mode: str, batch: int, seq_len: int) -> tuple[str, int, tuple[str, ...]]:
+    """Apply ``mode``'s checkpointing for this batch size; (the line saying what, decoder layers recomputed, the
+    mode of each layer)."""
     from kbit.estimate import OPTIMIZER_BYTES
     from kbit.models.checkpointing import decoder_layers, set_checkpointing
     from kbit.models.memory_plan import plan_memory, step_bytes
@@ -115,15 +141,95 @@ def set_mode(model, mode: str, batch: int, seq_len: int) -> tuple[str, int]:
         reserve = step_bytes(model, batch, seq_len, OPTIMIZER_BYTES["adamw"], fused_loss=True)
         plan = plan_memory(model, "speed", batch, seq_len, reserve_bytes=reserve)
         set_checkpointing(model, plan.modes)
-        return plan.line, n - plan.modes.count("none")
+        return plan.line, n - plan.modes.count("none"), plan.modes
     if mode == "fast-memory":
-        return f"{set_checkpointing(model, 'offload')}; {offload_input_embeddings(model)}", n
+        return f"{set_checkpointing(model, 'offload')}; {offload_input_embeddings(model)}", n, ("offload",) * n
     checkpointing = {"reference": "full", "fast-offload": "offload"}.get(mode, mode.removeprefix("fast-"))
-    return set_checkpointing(model, checkpointing), 0 if checkpointing in ("none", "selective") else n
+    recomputed = 0 if checkpointing in ("none", "selective") else n
+    return set_checkpointing(model, checkpointing), recomputed, (checkpointing,) * n
 
 
-def run_mode(model, config, mode: str, batch: int, seq_len: int, warmup: int, steps: int, device: str) -> dict:
-    """Time one mode at one batch size; the row of the table as a dict (or {'oom': True})."""
+class _Captured(Exception):
+    """Raised by check_attention_mask's hook: the first decoder layer's arguments are in hand."""
+
+
+def check_attention_mask(model, device: str) -> torch.Tensor | None:
+    """The attention mask ``model`` hands its decoder layers for 8 tokens of one unpadded sequence (None: causal
+    attention with no mask, what SDPA does; a tensor here grows as T x T with the sequence)."""
+    from kbit.models.checkpointing import decoder_layers
+
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["mask"] = kwargs.get("attention_mask")
+        raise _Captured
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 8), dtype=torch.long, device=device), use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    mask = seen.get("mask")
+    return mask if isinstance(mask, torch.Tensor) else None
+
+
+def pinned_need(model, modes: tuple[str, ...], mode: str, batch: int, seq_len: int) -> int:
+    """Pinned host bytes a step of ``modes`` takes: each offloaded layer input (and with fast-memory the looked-up
+    embedding rows) as one block, rounded up to a power of two as torch's pinned allocator does."""
+    from kbit.estimate import pinned_bytes
+
+    itemsize = model.get_input_embeddings().weight.element_size()
+    block = pinned_bytes(batch * seq_len * model.config.hidden_size * itemsize)
+    return (modes.count("offload") + (mode == "fast-memory")) * block
+
+
+def host_available() -> int | None:
+    """Bytes the host can still give (MemAvailable of /proc/meminfo, plus the pinned blocks torch holds cached)."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    kib = next((int(line.split()[1]) for line in meminfo.splitlines() if line.startswith("MemAvailable:")), None)
+    if kib is None:
+        return None
+    cached = 0
+    if torch.cuda.is_available() and hasattr(torch.cuda, "host_memory_stats"):
+        stats = torch.cuda.host_memory_stats()
+        cached = stats.get("allocated_bytes.current", 0) - stats.get("active_bytes.current", 0)
+    return kib * 1024 + max(0, cached)
+
+
+def host_row(device: str) -> dict:
+    """Peak pinned host GiB (torch's pinned pool, since the last reset) and the process's peak resident GiB."""
+    row = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+    if device == "cuda" and hasattr(torch.cuda, "host_memory_stats"):
+        stats = torch.cuda.host_memory_stats()
+        if "allocated_bytes.peak" in stats:
+            row["peak_pinned_gib"] = stats["allocated_bytes.peak"] / GIB
+    return row
+
+
+def train_step(model, opt, mode: str, ids: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on ``ids``; the loss."""
+    if mode == "reference":  # kbit's trainer: logits, then float32 cross-entropy
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        del logits
+    else:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def run_mode(model, config, mode: str, batch: int, seq_len: int, warmup: int, steps: int, device: str,
+             profile: bool = False, trace: Path | None = None) -> dict:  # fmt: skip
+    """Time one mode at one batch size; the row of the table as a dict (or {'oom': True}); with ``profile``, one more
+    step under torch.profiler, its time per kernel class in the row's 'profile'."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
     times = []
@@ -133,33 +239,124 @@ def run_mode(model, config, mode: str, batch: int, seq_len: int, warmup: int, st
             if i == warmup and device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+                if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
+                    torch.cuda.reset_peak_host_memory_stats()
             ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
             sync(device)
             t = time.perf_counter()
-            if mode == "reference":  # kbit's trainer: logits, then float32 cross-entropy
-                logits = model(input_ids=ids, use_cache=False).logits
-                loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
-                del logits
-            else:
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = train_step(model, opt, mode, ids)
             sync(device)
             times.append(time.perf_counter() - t)
+        step = statistics.median(times[warmup:])
+        row = {"step_s": step, "tokens_per_s": batch * seq_len / step, "loss": float(loss)}
+        if device == "cuda":
+            row["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GIB
+            row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+        row |= host_row(device)
+        if profile:
+            ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
+            one_step = functools.partial(train_step, model, opt, mode, ids)
+            row["profile"] = profile_step(one_step, device, config.vocab_size, trace)
     except torch.OutOfMemoryError:
         opt.zero_grad(set_to_none=True)
         return {"oom": True}
     finally:
         del opt
         gc.collect()
-    step = statistics.median(times[warmup:])
-    row = {"step_s": step, "tokens_per_s": batch * seq_len / step, "loss": float(loss)}
     if device == "cuda":
-        row["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
         torch.cuda.empty_cache()
     return row
+
+
+# ---- one step's time by kernel class (--profile) ----
+
+KERNEL_CLASSES = ("4-bit dequant", "bf16 matmul", "LoRA small matmuls", "attention", "fused norm/rope/swiglu",
+                  "LM head + cross-entropy", "copies/offload", "other")  # fmt: skip
+LORA_RANK = 16  # the bench's adapters: a matmul with a dimension of this size is a LoRA one
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "aten::mv",
+              "aten::addmv"}  # fmt: skip
+ATTENTION_WORDS = ("flash", "fmha", "attention", "sdpa", "scaled_dot_product")
+FUSED_WORDS = ("rms_norm", "rmsnorm", "_rope_", "rotary", "swiglu")
+COPY_WORDS = ("memcpy", "memset", "copy")
+COPY_OPS = {"aten::copy_", "aten::_to_copy", "aten::to", "aten::cat", "aten::clone", "aten::contiguous",
+            "aten::pin_memory", "aten::_pin_memory"}  # fmt: skip
+
+
+def kernel_class(name: str, ops: list[str], shapes: list, vocab: int, rank: int = LORA_RANK) -> str:
+    """The class (of KERNEL_CLASSES) of a GPU kernel or CPU op ``name``, from its name, the CPU ops around its launch
+    (``ops``, innermost first; on a CPU the op itself first) and the innermost op's input ``shapes``."""
+    low, chain = name.lower(), [o.lower() for o in ops]
+    innermost = chain[0] if chain else ""
+    if "dequant" in low:  # kbit's Triton dequantize kernel
+        return "4-bit dequant"
+    if any(word in s for s in (low, *chain) for word in ATTENTION_WORDS):
+        return "attention"
+    if innermost in MATMUL_OPS:
+        dims = [d for shape in shapes if len(shape) >= 2 for d in shape[-2:]]
+        if vocab in dims:
+            return "LM head + cross-entropy"
+        return "LoRA small matmuls" if rank in dims else "bf16 matmul"
+    if any("linearcrossentropy" in s for s in chain) or "ce_chunk" in low or "cross_entropy" in low:
+        return "LM head + cross-entropy"
+    if any(word in s for s in (low, *chain) for word in FUSED_WORDS):
+        return "fused norm/rope/swiglu"
+    if any("dequantlinear" in s for s in chain):  # the PyTorch dequantize (CPU) inside the frozen linear
+        return "4-bit dequant"
+    if any(word in low for word in COPY_WORDS) or innermost in COPY_OPS:
+        return "copies/offload"
+    return "other"
+
+
+def _op_chain(event) -> list[str]:
+    chain = []
+    while event is not None:
+        chain.append(event.name)
+        event = event.cpu_parent
+    return chain
+
+
+def profile_step(step, device: str, vocab: int, trace: Path | None = None) -> dict:
+    """Run ``step`` once under torch.profiler; {'wall_ms', 'ms': {class: GPU kernel ms (CPU: self CPU ms)}}."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    sync(device)
+    with profile(activities=activities, record_shapes=True) as prof:
+        t = time.perf_counter()
+        with record_function("kbit train step"):
+            step()
+        sync(device)
+        wall = time.perf_counter() - t
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
+    ms = dict.fromkeys(KERNEL_CLASSES, 0.0)
+    events = prof.events()
+    for e in events:
+        if e.device_type != DeviceType.CPU:
+            continue
+        chain = _op_chain(e)
+        if device == "cuda":
+            for k in e.kernels:  # the kernels this op launched itself (not its children's)
+                ms[kernel_class(k.name, chain, e.input_shapes, vocab)] += k.duration / 1e3
+        else:
+            ms[kernel_class(e.name, chain, e.input_shapes, vocab)] += e.self_cpu_time_total / 1e3
+    if device == "cuda":  # kernels launched outside any recorded op (none expected) count as other
+        total = sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA) / 1e3
+        ms["other"] += max(0.0, total - sum(ms.values()))
+    return {"wall_ms": wall * 1e3, "ms": ms}
+
+
+def print_profile(stack: str, batch: int, seq_len: int, prof: dict, device: str) -> None:
+    """The profile of one step as a markdown table."""
+    total = sum(prof["ms"].values())
+    what = "GPU kernel time (summed over streams: offload copies overlap compute)" if device == "cuda" else (
+        "self CPU time")  # fmt: skip
+    print(f"\nprofile, {stack} at {batch}x{seq_len}: one step took {prof['wall_ms']:.1f} ms under the profiler; "
+          f"{what} {total:.1f} ms")  # fmt: skip
+    print("| kernel class | ms | % |\n|---|---|---|")
+    for name in KERNEL_CLASSES:
+        print(f"| {name} | {prof['ms'][name]:.1f} | {100 * prof['ms'][name] / max(total, 1e-9):.1f} |")
 
 
 def run_peer(name: str, peer_dir: Path, batches: list[int], seq_len: int) -> list[dict]:
@@ -183,8 +380,18 @@ def run_peer(name: str, peer_dir: Path, batches: list[int], seq_len: int) -> lis
     return rows
 
 
-def main() -> None:
-    """Run kbit's modes (and the peers) at each batch size and print one table."""
+def sdpa_context(backend: str):
+    """PyTorch's attention restricted to ``backend`` (``auto``: PyTorch's own choice)."""
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kinds = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+    return sdpa_kernel([getattr(SDPBackend, kinds[backend])])
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Run kbit's modes (and the peers) at each batch size and print one table; returns its rows."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama-3-8b", help="a kbit.estimate preset, or 'tiny' (CPU smoke test)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's)")
@@ -195,11 +402,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--peak-tflops", type=float, default=790.0)
+    ap.add_argument("--mlp-chunk", type=int, default=None,
+                    help="patched MLP: pieces of N tokens above N (0: never; default: the automatic rule)")  # fmt: skip
+    ap.add_argument("--sdpa-backend", default="auto", choices=SDPA_BACKENDS, help="restrict PyTorch's attention")
+    ap.add_argument("--profile", action="store_true", help="one more step per row under torch.profiler: time by class")
+    ap.add_argument("--trace", type=Path, default=None, help="with --profile: write the last row's Chrome trace here")
     ap.add_argument("--peers", nargs="*", default=[], choices=list(PEERS))
     ap.add_argument("--peer-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "bench")
     ap.add_argument("--out", type=Path, default=None, help="also write the rows as JSON lines here")
-    args = ap.parse_args()
-    from kbit.models.patch import apply_fast_path
+    args = ap.parse_args(argv)
+    if args.mlp_chunk is not None and args.mlp_chunk < 0:
+        ap.error(f"--mlp-chunk must be 0 (never) or a number of tokens, got {args.mlp_chunk}")
+    from kbit.models.patch import apply_fast_path, mlp_chunking
 
     t = time.perf_counter()
     model, config = build(args.preset, args.layers, args.device)
@@ -207,24 +421,46 @@ def main() -> None:
     print(f"built {args.preset} ({config.num_hidden_layers} layers) in {time.perf_counter() - t:.0f} s on {name}")
     model_flops, hw_flops = flops_per_token(config, args.seq_len, r=16)
     print(f"FLOPs per token: {model_flops / 1e9:.1f} G model, {hw_flops / 1e9:.1f} G with full recompute", flush=True)
+    mask = check_attention_mask(model, args.device)
+    if mask is not None:
+        mask_gib = max(args.batches) * args.seq_len**2 * mask.element_size() / GIB
+        why = (f"the attention ({config._attn_implementation}) gets a {tuple(mask.shape)} mask at 8 tokens: "
+               f"{mask_gib:.1f} GiB at {max(args.batches)}x{args.seq_len}")  # fmt: skip
+        if mask_gib > 1:
+            sys.exit(f"train_step: {why}; run with sdpa attention (causal, no mask) for long sequences")
+        print(f"note: {why}", flush=True)
     rows = []
     for mode in [m for m in MODES if m in args.modes]:  # reference first: the fast path patches in place
         if mode != "reference":
             print(apply_fast_path(model), flush=True)
         for b in args.batches:
-            line, recomputed = set_mode(model, mode, b, args.seq_len)
-            print(line, flush=True)
-            stack = f"kbit {mode}" + (f" ({recomputed}/{config.num_hidden_layers} recomputed)" * (mode == "fast-auto"))
-            row = {"stack": stack, "batch": b, "recomputed_layers": recomputed} | run_mode(
-                model, config, mode, b, args.seq_len, args.warmup, args.steps, args.device
-            )
-            if not row.get("oom"):
+            chunking = mlp_chunking(model, args.mlp_chunk) if args.mlp_chunk is not None else contextlib.nullcontext()
+            with chunking, sdpa_context(args.sdpa_backend):
+                line, recomputed, modes = set_mode(model, mode, b, args.seq_len)
+                print(line, flush=True)
+                stack = f"kbit {mode}" + (
+                    f" ({recomputed}/{config.num_hidden_layers} recomputed)" * (mode == "fast-auto")
+                )
+                row = {"stack": stack, "batch": b, "recomputed_layers": recomputed}
+                need, avail = pinned_need(model, modes, mode, b, args.seq_len), host_available()
+                if args.device == "cuda" and avail is not None and need > avail:
+                    row["skipped"] = (f"needs {need / GIB:.0f} GiB of pinned host memory for its offloaded "
+                                      f"layer inputs (blocks rounded up to powers of two), {avail / GIB:.0f} GiB "
+                                      "available")  # fmt: skip
+                else:
+                    row |= run_mode(model, config, mode, b, args.seq_len, args.warmup, args.steps, args.device,
+                                    args.profile, args.trace)  # fmt: skip
+            if "tokens_per_s" in row:
                 share = recomputed / config.num_hidden_layers
                 recompute = model_flops + share * (hw_flops - model_flops)
                 row["pct_peak"] = 100 * row["tokens_per_s"] * model_flops / (args.peak_tflops * 1e12)
                 row["pct_with_recompute"] = 100 * row["tokens_per_s"] * recompute / (args.peak_tflops * 1e12)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if "profile" in row:
+                print_profile(stack, b, args.seq_len, row["profile"], args.device)
+            if args.device == "cuda" and hasattr(torch._C, "_host_emptyCache"):
+                torch._C._host_emptyCache()  # the next row pins its own blocks: count them, not these
     del model
     gc.collect()
     if args.device == "cuda":
@@ -237,17 +473,20 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     if args.out:
         args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"\n| stack | batch x {args.seq_len} | tokens/s | peak alloc GiB | peak reserved GiB | % peak | "
-          "% with recompute |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n| stack | batch x {args.seq_len} | tokens/s | peak alloc GiB | peak reserved GiB | peak pinned GiB | "
+          "peak RSS GiB | % peak | % with recompute |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if r.get("oom"):
-            print(f"| {r['stack']} | {r['batch']} | OOM | | | | |")
+        if r.get("oom") or r.get("skipped"):
+            print(f"| {r['stack']} | {r['batch']} | {'OOM' if r.get('oom') else 'skipped: ' + r['skipped']} "
+                  "| | | | | | |")  # fmt: skip
             continue
-        cells = [f"{r['tokens_per_s']:,.0f}"] + [
-            f"{r[k]:.2f}" if k in r else "" for k in ("peak_alloc_gib", "peak_reserved_gib")
-        ] + [f"{r[k]:.1f}" if k in r else "" for k in ("pct_peak", "pct_with_recompute")]  # fmt: skip
+        keys = ("peak_alloc_gib", "peak_reserved_gib", "peak_pinned_gib", "peak_rss_gib")
+        cells = [f"{r['tokens_per_s']:,.0f}"] + [f"{r[k]:.2f}" if k in r else "" for k in keys] + [
+            f"{r[k]:.1f}" if k in r else "" for k in ("pct_peak", "pct_with_recompute")
+        ]  # fmt: skip
         print(f"| {r['stack']} | {r['batch']} | {' | '.join(cells)} |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -99,3 +99,84 @@ def test_cli_70b_on_two_gpus(capsys):
     assert "| **total** | **7.20** |" in out and "| host memory per rank (pinned, not in total) | 17.97 |" in out
     assert main(["estimate", "--model", "llama-2-70b", "--gpus", "2", "--strategy", "none"]) == 2
     assert "strategy none runs one GPU" in capsys.readouterr().err
+
+
+# ---- the longest sequence (fast path, memory_plan speed) ----
+
+
+def test_fast_layer_cost_counts_what_the_probe_measures():
+    """The per-token count of --longest against the memory plan's probe on a patched bf16 model (GQA, LoRA on all
+    seven projections), with the MLP whole and in pieces."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kbit.estimate import fast_layer_cost
+    from kbit.lora import add_lora
+    from kbit.models.memory_plan import _probe
+    from kbit.models.patch import apply_fast_path, mlp_chunking
+
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=160, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    add_lora(model, r=4, alpha=8, dropout=0.0, dtype=torch.bfloat16)  # as the bench and the issue's runs
+    apply_fast_path(model)
+    shape = model_shape(config)
+    assert (shape.heads, shape.kv_dim, shape.per_layer_linears) == (4, 32, 7)
+    for rows in (0, 16):
+        with mlp_chunking(model, rows):
+            probe = _probe(model.train(), 1, 64, None)
+        cost, pieces = fast_layer_cost(shape, 64, lora_r=4, mlp_rows=rows)
+        assert (cost.keep, cost.input) == (probe.keep, probe.input) and pieces == (rows or None)
+    whole = fast_layer_cost(shape, 64, lora_r=4, mlp_rows=0)[0].keep
+    assert cost.workspace == 2 * (whole - cost.keep) * 16 // 64  # one piece's intermediates and their gradients
+
+
+def test_longest_sequence_of_the_8b_shape():
+    from kbit.estimate import long_context, longest_seq_len, pinned_bytes
+
+    shape = model_shape(load_config("llama-3-8b"))
+    gib = 2**30
+    at = long_context(shape, 400_000, 80 * gib, 128 * gib)
+    # 400k tokens: layer inputs of 3.05 GiB, pinned as 4 GiB blocks; 3 stay on the GPU, 29 go to host memory
+    assert pinned_bytes(400_000 * 4096 * 2) == 4 * gib and pinned_bytes(4 * gib) == 4 * gib
+    assert at.modes == ("offload",) * 29 + ("full",) * 3 and at.mlp_rows == 16384
+    assert at.fits and at.host == 29 * 4 * gib + 4 * gib and 73 * gib < at.gpu < 75 * gib
+    best = longest_seq_len(shape, 80 * gib, 128 * gib)
+    assert best.fits and not long_context(shape, best.seq_len + 1, 80 * gib, 128 * gib).fits
+    assert best.seq_len == 459_299 and best.host == 128 * gib  # host-bound: 31 inputs of 4 GiB + the process
+    gpu_only = longest_seq_len(shape, 80 * gib)
+    assert gpu_only.seq_len == 484_725 and not long_context(shape, gpu_only.seq_len + 1, 80 * gib).fits_gpu
+    assert longest_seq_len(shape, 5 * gib) is None  # the weights alone take more
+
+
+def test_longest_sequence_below_and_above_the_mlp_pieces():
+    """Memory needs grow with the length on both sides of the switch to MLP pieces (16,384 tokens for the 8B shape):
+    a small GPU's longest lies below it, a larger one's above."""
+    from kbit.estimate import long_context, longest_seq_len
+
+    shape = model_shape(load_config("llama-3-8b"))
+    gib = 2**30
+    for gpu in (10, 12, 16, 24):
+        best = longest_seq_len(shape, gpu * gib)
+        assert best.fits_gpu and not long_context(shape, best.seq_len + 1, gpu * gib).fits_gpu, gpu
+        assert (best.mlp_rows is None) == (best.seq_len <= 16384), gpu
+    for gpu in (12, 13):  # what fits is every length up to one: no length fits again past the switch
+        fits = [long_context(shape, t, gpu * gib).fits for t in range(12_000, 24_000, 250)]
+        assert fits == sorted(fits, reverse=True) and True in fits and False in fits, gpu
+
+
+def test_cli_longest(capsys):
+    args = ["estimate", "--model", "llama-3-8b", "--longest", "--gpu-memory", "80", "--host-memory", "128",
+            "--seq-len", "400000"]  # fmt: skip
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert (
+        "longest sequence at batch 1 that kbit train fits in 80 GiB of GPU memory and 128 GiB of host memory (fast "
+        "path, memory_plan speed):\n  459,299 tokens: 1 recomputed, 31 recomputed from CPU-offloaded inputs; MLP in "
+        "pieces of 16384 tokens; GPU 76.3 GiB, host 128.0 GiB (bound by host memory (pinned layer inputs); GPU "
+        "memory alone: 484,725 tokens)\n  at 400,000 tokens: 3 recomputed, 29 recomputed from CPU-offloaded inputs; "
+        "MLP in pieces of 16384 tokens; GPU 73.8 GiB, host 120.0 GiB: fits"
+    ) in out
+    assert main(["estimate", "--model", "llama-3-8b", "--longest", "--gpu-memory", "4"]) == 0
+    assert "  none: not even one token" in capsys.readouterr().out

@@ -21,6 +21,16 @@ during the step, the root unit (embeddings, head, final norm: FSDP keeps it thro
 decoder layers (the one computing and the one prefetched). ``cpu_offload`` moves the shards, their gradients and
 the optimizer state to pinned host memory (``host``, not in the GPU total). ``kbit estimate`` prints the split
 and the largest batch that fits a given memory; docs/estimate.md records the comparison with measured runs.
+
+Long context (:func:`long_context`, :func:`longest_seq_len`, ``kbit estimate --longest``) models what ``kbit train``
+does on a GPU instead: the fast path (fused kernels, chunked LM-head loss, the MLP run in pieces at long inputs) and
+``memory_plan: speed``, whose chooser (:func:`kbit.models.memory_plan.choose_plan`) it calls with the bytes per
+layer the plan's probe measures, counted per token: seven [T, hidden] activations (the input, two norm outputs, q
+after RoPE, the attention output, the residual sum; ``q``/``k``/``v`` projections and the attention kernel share
+them), k after RoPE and v, the rank-r LoRA inputs of the attention projections, the attention's float32 logsumexp
+per head and two float32 norm statistics; the MLP's gate, up and product with their LoRA inputs only while it runs
+whole (tests/test_estimate.py holds this count to the probe's). Offloaded layer inputs take pinned host memory,
+each rounded up to a power of two (torch's caching host allocator does), plus an allowance for the process.
 """
 
 from __future__ import annotations
@@ -86,6 +96,7 @@ class ModelShape:
     layers: int
     vocab: int
     per_layer_linears: int
+    heads: int = 0  # attention heads (the attention's float32 logsumexp per head and token)
 
 
 def model_shape(config) -> ModelShape:
@@ -114,6 +125,7 @@ def model_shape(config) -> ModelShape:
         layers,
         text.vocab_size,
         len(linears) // max(layers, 1),
+        heads,
     )
 
 
@@ -216,6 +228,115 @@ def largest_batch(shape: ModelShape, memory_bytes: float, seq_len: int, **kw) ->
     while estimate(shape, seq_len, b + 1, **kw).total <= memory_bytes and b < 1 << 16:
         b += 1
     return b
+
+
+# ---- the longest sequence: kbit train on a GPU (fast path, memory_plan speed) ----
+
+HOST_OVERHEAD_BYTES = 4 * 2**30  # host memory of the training process itself (Python, torch, CUDA libraries)
+ATTENTION_ADAPTERS = 4  # q, k, v, o of the adapted linears per layer; the rest are the MLP's
+
+
+@dataclass
+class LongContext:
+    """The plan ``kbit train`` picks for one sequence of ``seq_len`` tokens and what it needs (bytes)."""
+
+    seq_len: int
+    modes: tuple[str, ...]  # per decoder layer: "none" kept, "full" recomputed, "offload" recomputed from host
+    gpu: float  # peak on the GPU: weights, adapters, optimizer, loss, activations, overhead
+    host: float  # pinned layer inputs (each rounded up to a power of two) + HOST_OVERHEAD_BYTES
+    fits_gpu: bool
+    fits_host: bool
+    mlp_rows: int | None  # tokens per MLP piece (None: the MLP runs whole)
+
+    @property
+    def fits(self) -> bool:
+        """Both memories suffice."""
+        return self.fits_gpu and self.fits_host
+
+    def describe(self) -> str:
+        """One line: the plan's layer counts and the two memories in GiB."""
+        counts = [(self.modes.count("none"), "kept"), (self.modes.count("full"), "recomputed")]
+        counts.append((self.modes.count("offload"), "recomputed from CPU-offloaded inputs"))
+        what = ", ".join(f"{k} {label}" for k, label in counts if k)
+        mlp = f"MLP in pieces of {self.mlp_rows} tokens" if self.mlp_rows else "MLP whole"
+        return f"{what}; {mlp}; GPU {self.gpu / 2**30:.1f} GiB, host {self.host / 2**30:.1f} GiB"
+
+
+def fast_layer_cost(shape: ModelShape, tokens: int, lora_r: int = 16, itemsize: int = 2, mlp_rows: int | None = None):
+    """(One decoder layer's :class:`~kbit.models.memory_plan.LayerCost` on the fast path at ``tokens`` tokens, as the
+    memory plan's probe measures it (module docstring), activations of ``itemsize`` bytes; tokens per MLP piece or
+    None). ``mlp_rows`` forces the pieces as :func:`kbit.models.patch.mlp_chunking` does (0: whole)."""
+    from .models.memory_plan import LayerCost
+    from .models.patch import auto_chunk_rows
+
+    h, kv, m = shape.hidden, shape.kv_dim, shape.intermediate
+    mlp_adapters = max(0, shape.per_layer_linears - ATTENTION_ADAPTERS)
+    per_token = itemsize * (7 * h + 2 * kv + lora_r * min(shape.per_layer_linears, ATTENTION_ADAPTERS))
+    per_token += 4 * shape.heads + 2 * 4
+    mlp = itemsize * (3 * m + lora_r * mlp_adapters)  # gate, up, silu(gate)·up and the LoRA inputs of the MLP
+    if mlp_rows is None:
+        rows = auto_chunk_rows(tokens, m, itemsize)
+    else:
+        rows = mlp_rows if 0 < mlp_rows < tokens else None
+    if rows is None:
+        return LayerCost(keep=tokens * (per_token + mlp), input=tokens * itemsize * h), None
+    return LayerCost(keep=tokens * per_token, input=tokens * itemsize * h, workspace=2 * rows * mlp), rows
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """Host bytes torch pins for a tensor of ``nbytes``: its caching host allocator rounds up to a power of two."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 1 else nbytes
+
+
+def long_context(
+    shape: ModelShape,
+    seq_len: int,
+    gpu_bytes: float,
+    host_bytes: float = float("inf"),
+    lora_r: int = 16,
+    optim: str = "adamw",
+) -> LongContext:
+    """The plan ``kbit train`` picks for one sequence of ``seq_len`` tokens on a GPU of ``gpu_bytes`` (fast path,
+    ``memory_plan: speed``: as many layers kept as fit, then recomputed, then offloaded) and what it needs."""
+    from .kernels.loss import CHUNK_BYTES
+    from .models.memory_plan import MARGIN_BYTES, MARGIN_FRACTION, choose_plan, needed_bytes
+
+    base = estimate(shape, seq_len, 1, lora_r=lora_r, optim=optim)
+    params = base.adapters / 2  # bf16 adapters (2 bytes) + their gradients (2 bytes): half of it is held before
+    free = gpu_bytes - OVERHEAD_BYTES - base.weights - params  # what the plan sees after loading (free_device_bytes)
+    loss = 2 * CHUNK_BYTES + seq_len * shape.hidden * 4  # as memory_plan.step_bytes counts the fused loss
+    reserve = (base.adapters - params) + base.optimizer + loss
+    margin = max(MARGIN_BYTES, int(MARGIN_FRACTION * free))
+    cost, rows = fast_layer_cost(shape, seq_len, lora_r)
+    modes, fits = choose_plan(shape.layers, cost, int(free - reserve - margin))
+    gpu = OVERHEAD_BYTES + base.weights + params + reserve + needed_bytes(modes, cost)
+    host = modes.count("offload") * pinned_bytes(cost.input) + HOST_OVERHEAD_BYTES
+    return LongContext(seq_len, modes, gpu, host, fits, host <= host_bytes, rows)
+
+
+def longest_seq_len(
+    shape: ModelShape, gpu_bytes: float, host_bytes: float = float("inf"), lora_r: int = 16, optim: str = "adamw"
+) -> LongContext | None:
+    """The longest single sequence :func:`long_context` fits in both memories (None: not even one token)."""
+
+    from .models.patch import MLP_WHOLE_CHUNKS, mlp_piece_rows
+
+    def fits(t: int) -> bool:
+        return long_context(shape, t, gpu_bytes, host_bytes, lora_r, optim).fits
+
+    # Needs grow with the length except where the MLP starts running in pieces (its intermediates leave the
+    # layer's saves): search above that point first, then below it.
+    whole = MLP_WHOLE_CHUNKS * mlp_piece_rows(shape.intermediate, 2)  # the longest input the MLP runs whole
+    lo = whole + 1 if fits(whole + 1) else 1
+    if not fits(lo):
+        return None
+    hi = lo + 1
+    while fits(hi) and hi < 1 << 30:  # double, then bisect
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return long_context(shape, lo, gpu_bytes, host_bytes, lora_r, optim)
 
 
 PRESETS = {  # well-known shapes, so that an estimate needs no download

@@ -1,4 +1,5 @@
-"""``kbit estimate``: GPU memory of a QLoRA fine-tune, by part, and the largest batch that fits (per GPU of N)."""
+"""``kbit estimate``: GPU memory of a QLoRA fine-tune, by part, the largest batch that fits (per GPU of N), and with
+``--longest`` the longest single sequence that trains in given GPU and host memory."""
 
 from __future__ import annotations
 
@@ -45,6 +46,11 @@ def add_parser(sub) -> None:
         default=24.0,
         help="GiB available, for the largest batch (default 24)",
     )
+    e.add_argument("--longest", action="store_true",
+                   help="also the longest single sequence kbit train fits (fast path, memory_plan speed; layer inputs "
+                        "offloaded to pinned host memory as needed), and its plan at --max-seq-len")  # fmt: skip
+    e.add_argument("--host-memory", "--host_memory", dest="host_memory", type=float, default=None,
+                   help="GiB of host memory for --longest (default: not limited)")  # fmt: skip
     e.set_defaults(func=_estimate)
 
 
@@ -90,4 +96,31 @@ def _estimate(args) -> int:
         )
     best = largest_batch(shape, args.gpu_memory * 2**30, args.seq_len, **kw)
     print(f"\nlargest batch of {args.seq_len}-token sequences that fits {args.gpu_memory:g} GiB {where}: {best}")
+    if args.longest:
+        _longest(args, shape)
     return 0
+
+
+def _longest(args, shape) -> None:
+    from ..estimate import long_context, longest_seq_len
+
+    gpu = args.gpu_memory * 2**30
+    host = float("inf") if args.host_memory is None else args.host_memory * 2**30
+    memories = f"{args.gpu_memory:g} GiB of GPU memory" + (
+        "" if args.host_memory is None else f" and {args.host_memory:g} GiB of host memory"
+    )
+    kw = dict(lora_r=args.lora_r, optim=args.optim)
+    best = longest_seq_len(shape, gpu, host, **kw)
+    print(f"\nlongest sequence at batch 1 that kbit train fits in {memories} (fast path, memory_plan speed):")
+    if best is None:
+        print("  none: not even one token")
+        return
+    bound = "GPU memory"
+    if args.host_memory is not None:
+        gpu_only = longest_seq_len(shape, gpu, float("inf"), **kw)
+        bound = "host memory (pinned layer inputs)" if gpu_only.seq_len > best.seq_len else bound
+        bound += f"; GPU memory alone: {gpu_only.seq_len:,} tokens" if gpu_only.seq_len > best.seq_len else ""
+    print(f"  {best.seq_len:,} tokens: {best.describe()} (bound by {bound})")
+    at = long_context(shape, args.seq_len, gpu, host, **kw)
+    verdict = "fits" if at.fits else "does not fit " + ("the GPU" if not at.fits_gpu else "the host memory")
+    print(f"  at {args.seq_len:,} tokens: {at.describe()}: {verdict}")

@@ -13,10 +13,15 @@ leaving out parameters, buffers and the tensors shared by all layers (rotary tab
 LoRA dropout masks and the attention implementation are counted as they are. Above ``PROBE_TOKENS`` tokens (long
 contexts, where one layer's activations alone may not fit twice) it probes one sequence of ``PROBE_TOKENS`` and one
 of half that, and extrapolates ``a·T + c·T²`` per sequence (c > 0 only for attention that stores T x T scores).
+When the batch is long enough for the patched MLP to run in pieces (:func:`kbit.models.patch.mlp_chunk_rows`), the
+probes run it in pieces too (a chunked MLP saves only its input, whatever the piece size), and ``workspace`` counts
+what its backward holds for one piece: the piece's intermediates, measured as the unchunked minus the chunked probe
+at one piece's length, and as much again for their gradients.
 
 Kept layers come last: the backward frees them before it reaches the first recomputed layer, so the peak is the
 larger of (kept x keep + recomputed x input) at the end of the forward and (recomputed x input + keep) during a
-recomputation, plus one layer's ``keep`` of backward temporaries, plus the input being prefetched when offloading.
+recomputation, plus one layer's ``keep`` of backward temporaries and ``workspace``, plus the input being prefetched
+when offloading.
 "speed" keeps as many layers as fit and recomputes the rest; when even that does not fit it offloads the first
 layers' inputs, as few as needed. "memory" offloads every layer. The other modes apply one mode to every layer.
 """
@@ -32,6 +37,7 @@ import torch
 from torch import nn
 
 from .checkpointing import MODES, decoder_layers
+from .patch import mlp_chunk_rows, mlp_chunking, patched_mlps
 
 log = logging.getLogger("kbit")
 GIB = 2**30
@@ -48,6 +54,7 @@ class LayerCost:
 
     keep: int  # run without checkpointing: every distinct storage autograd saves in it (its input included)
     input: int  # checkpointed: its input only
+    workspace: int = 0  # a chunked MLP's backward: one piece's recomputed intermediates and their gradients
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,8 @@ def needed_bytes(modes: tuple[str, ...] | list[str], cost: LayerCost) -> int:
     held = len(modes) - kept - offloaded  # "full" and "selective" (counted as full: its saves vary by op)
     recomputes = kept < len(modes)
     peak = max(kept, 1 if recomputes else 0) * cost.keep + held * cost.input
-    return peak + cost.keep + (cost.input if offloaded else 0)  # + backward temporaries (+ the next input)
+    # + backward temporaries (+ the next input)
+    return peak + cost.keep + cost.workspace + (cost.input if offloaded else 0)
 
 
 def choose_plan(n_layers: int, cost: LayerCost, budget: int) -> tuple[tuple[str, ...], bool]:
@@ -93,7 +101,40 @@ def measure_layer_cost(
     max_tokens: int = PROBE_TOKENS,
 ) -> LayerCost:
     """The first decoder layer's :class:`LayerCost` at ``batch`` x ``seq_len`` tokens: measured by one forward up to
-    ``max_tokens`` tokens, else extrapolated from sequences of ``max_tokens`` and half as many tokens."""
+    ``max_tokens`` tokens, else extrapolated from sequences of ``max_tokens`` and half as many tokens; with the
+    patched MLP's pieces (and their backward ``workspace``) when it runs in pieces at that size."""
+    tokens = batch * seq_len
+    rows = _mlp_rows(model, tokens, autocast)
+    if rows is None:
+        return _layer_cost(model, batch, seq_len, autocast, max_tokens)
+    # The probes are shorter than the batch: they split the MLP too (into a few pieces, whatever the real size).
+    with mlp_chunking(model, max(1, min(tokens, max_tokens) // 4)):
+        cost = _layer_cost(model, batch, seq_len, autocast, max_tokens)
+    w = min(rows, max_tokens)  # one piece (or as much of it as a probe may hold), whole minus split
+    with mlp_chunking(model, 0):
+        whole = _probe(model, 1, w, autocast).keep
+    with mlp_chunking(model, max(1, w // 2)):
+        split = _probe(model, 1, w, autocast).keep
+    workspace = 2 * max(0, whole - split) * rows // w  # the piece's intermediates and their gradients
+    return LayerCost(cost.keep, cost.input, workspace)
+
+
+def _mlp_rows(model: nn.Module, tokens: int, autocast) -> int | None:
+    """Tokens per piece of the first decoder layer's patched MLP at ``tokens`` tokens (None: unpatched or whole)."""
+    layer = decoder_layers(model)[0]
+    mlps = patched_mlps(layer)
+    if not mlps:
+        return None
+    device = next(layer.parameters()).device
+    hf = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    dtype = hf.get_input_embeddings().weight.dtype  # what the layers compute in without autocast
+    with (autocast or contextlib.nullcontext)():
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+    return mlp_chunk_rows(mlps[0], tokens, dtype)
+
+
+def _layer_cost(model: nn.Module, batch: int, seq_len: int, autocast, max_tokens: int) -> LayerCost:
     if batch * seq_len <= max_tokens or max_tokens < 2:
         return _probe(model, batch, seq_len, autocast)
     s2 = min(seq_len, max_tokens)
@@ -234,6 +275,8 @@ def _speed_plan(model, n, batch, seq_len, free_bytes, reserve_bytes, autocast, d
         f"free {free / GIB:.1f} GiB, {reserve_bytes / GIB:.1f} GiB reserved for the step, {cost.keep / GIB:.2f} GiB "
         f"per kept layer, {cost.input / GIB:.2f} GiB per recomputed one at {batch}x{seq_len}"
     )
+    if cost.workspace:
+        why += f", MLP in pieces: {cost.workspace / GIB:.2f} GiB for one piece's backward"
     if not fits:
         need = needed_bytes(modes, cost) + reserve_bytes + margin
         why += f"; does not fit: needs {need / GIB:.1f} GiB, lower the batch size or sequence length"

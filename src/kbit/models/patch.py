@@ -15,6 +15,7 @@ PyTorch references (:mod:`kbit.kernels`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import types
@@ -116,23 +117,176 @@ def _patch_norms(model: nn.Module, family: Family) -> int:
 
 
 # ---- MLP ----
+#
+# At long sequences the MLP's intermediates dominate a layer: gate, up and silu(gate)·up are [T, intermediate]
+# each (11.5 GB apiece for the Llama-3-8B shape at 400k tokens, and as much again for their gradients). Above
+# one piece's worth of tokens the patched MLP therefore runs over pieces of the token dimension
+# (:class:`ChunkedMLPFunction`): the forward keeps only its input, and the backward recomputes one piece's
+# intermediates at a time, at the price of one more MLP forward per layer. Shorter inputs run whole, with
+# autograd keeping the intermediates as usual. The switch is at one piece because there the two hold the same
+# (the whole MLP's intermediates and gradients at T tokens, one piece's at T tokens), so the memory a length needs
+# never drops as the length grows: for the 8B shape, pieces of 16,384 tokens above 16,384 (8 x 2048 runs whole).
+
+MLP_CHUNK_BYTES = 512 * 2**20  # one [piece, intermediate] activation: sets the tokens per piece
+MLP_WHOLE_CHUNKS = 1  # inputs of at most this many pieces' worth of tokens run whole
+MLP_CHUNK_ATTR = "_kbit_mlp_chunk_rows"  # on each patched MLP: None automatic, 0 never, n: pieces of n above n
 
 
-def _mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _swiglu_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
-def _fused_gate_up_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _fused_gate_up_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # strided halves: the kernel reads them in place
     return self.down_proj(swiglu(gate, up))
 
 
+def _mlp_forward(self: nn.Module, x: torch.Tensor, body) -> torch.Tensor:
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    rows = mlp_chunk_rows(self, x.numel() // max(1, x.shape[-1]), dtype)
+    if rows is None:
+        return body(self, x)
+    return chunked_apply(functools.partial(body, self), x, rows, list(self.parameters()))
+
+
+def mlp_chunk_rows(mlp: nn.Module, tokens: int, dtype: torch.dtype) -> int | None:
+    """Tokens per piece a patched MLP runs an input of ``tokens`` tokens in (activations in ``dtype``), or None when
+    it runs whole: pieces of ``MLP_CHUNK_BYTES`` per [chunk, intermediate] activation (a power of two, at least 1024
+    tokens) once the input exceeds ``MLP_WHOLE_CHUNKS`` of them, unless :func:`mlp_chunking` says otherwise."""
+    forced = getattr(mlp, MLP_CHUNK_ATTR, None)
+    if forced is not None:
+        return forced if 0 < forced < tokens else None
+    return auto_chunk_rows(tokens, mlp.down_proj.in_features, dtype.itemsize)  # in_features: the intermediate size
+
+
+def auto_chunk_rows(tokens: int, intermediate: int, itemsize: int) -> int | None:
+    """The automatic rule of :func:`mlp_chunk_rows` for an MLP of ``intermediate`` features (also the estimate's)."""
+    rows = mlp_piece_rows(intermediate, itemsize)
+    return rows if tokens > MLP_WHOLE_CHUNKS * rows else None
+
+
+def mlp_piece_rows(intermediate: int, itemsize: int) -> int:
+    """Tokens per automatic MLP piece: ``MLP_CHUNK_BYTES`` per [piece, intermediate] activation, a power of two."""
+    rows = max(1024, MLP_CHUNK_BYTES // (intermediate * itemsize))
+    return 1 << (rows.bit_length() - 1)
+
+
+def patched_mlps(model: nn.Module) -> list[nn.Module]:
+    """The MLP modules of ``model`` whose forward :func:`apply_fast_path` replaced (the ones that can chunk)."""
+    return [m for m in model.modules() if hasattr(m, MLP_CHUNK_ATTR)]
+
+
+@contextlib.contextmanager
+def mlp_chunking(model: nn.Module, rows: int | None):
+    """Within the block, ``model``'s patched MLPs split inputs longer than ``rows`` tokens into pieces of ``rows``
+    (0: never split; None: the automatic rule of :func:`mlp_chunk_rows`)."""
+    if rows is not None and rows < 0:
+        raise ValueError(f"mlp_chunking: rows must be >= 0 or None, got {rows}")
+    mlps = patched_mlps(model)
+    before = [getattr(m, MLP_CHUNK_ATTR) for m in mlps]
+    for m in mlps:
+        setattr(m, MLP_CHUNK_ATTR, rows)
+    try:
+        yield
+    finally:
+        for m, b in zip(mlps, before, strict=True):
+            setattr(m, MLP_CHUNK_ATTR, b)
+
+
+def chunked_apply(fn, x: torch.Tensor, rows: int, params: list[torch.Tensor]) -> torch.Tensor:
+    """``fn(x)`` for a row-wise ``fn`` ([..., H] -> [..., H'], no mixing across tokens), computed over pieces of
+    ``rows`` tokens; with gradients, only x is kept for the backward (:class:`ChunkedMLPFunction`). ``params`` are
+    the tensors ``fn`` uses that may need gradients (those that do not are left out)."""
+    trainable = [p for p in params if p.requires_grad]
+    if torch.is_grad_enabled() and (x.requires_grad or trainable):
+        return ChunkedMLPFunction.apply(fn, rows, x, *trainable)
+    return _chunked_forward(fn, x, rows)
+
+
+def _chunked_forward(fn, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``fn`` over pieces of ``rows`` tokens, written into one output (no concatenation copy)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    out = out2 = None
+    for lo in range(0, x2.shape[0], rows):
+        y = fn(x2[lo : lo + rows])
+        if out is None:
+            out = y.new_empty((*x.shape[:-1], y.shape[-1]))
+            out2 = out.view(-1, y.shape[-1])
+        out2[lo : lo + rows] = y
+    return out
+
+
+def _autocast_state(device_type: str) -> list[tuple[str, bool, torch.dtype]]:
+    kinds = [device_type] if device_type == "cpu" else [device_type, "cpu"]
+    return [(t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in kinds]
+
+
+class ChunkedMLPFunction(torch.autograd.Function):
+    """y = fn(x) over pieces of the token dimension, keeping only x (not fn's intermediates) for the backward.
+
+    The backward replays each piece's forward with the forward's RNG state (so LoRA dropout draws the same masks)
+    and autocast state, then backpropagates that piece alone: one piece's intermediates and their gradients exist
+    at a time. Gradients of ``params`` (the MLP's trainable tensors, passed as inputs so that autograd routes them
+    as it would the unchunked MLP's) are summed over pieces in float32 and returned once. x is saved through
+    ``save_for_backward``, so checkpointing, offload and the memory plan's probe see it as any other saved input.
+    Under "selective" checkpointing the policy still caches every piece's long matmul outputs (it sees the ops,
+    not the pieces), so pieces save memory under "none", "full" and "offload", the modes the memory plan picks.
+    """
+
+    @staticmethod
+    def forward(ctx, fn, rows, x, *params):
+        ctx.fn, ctx.rows, ctx.params = fn, rows, params
+        ctx.autocast = _autocast_state(x.device.type)
+        ctx.autocast_cache = torch.is_autocast_cache_enabled()
+        ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
+        ctx.save_for_backward(x)
+        return _chunked_forward(fn, x, rows)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (x,) = ctx.saved_tensors
+        need_dx, need_params = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
+        params = [p for p, need in zip(ctx.params, need_params, strict=True) if need]
+        x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+        dx = torch.empty_like(x2) if need_dx else None
+        sums: list[torch.Tensor | None] = [None] * len(params)
+        cpu_rng, dev_rng = ctx.rng
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=[x.device] if dev_rng is not None else []))
+            torch.set_rng_state(cpu_rng)
+            if dev_rng is not None:
+                torch.cuda.set_rng_state(dev_rng, x.device)
+            for device_type, enabled, dtype in ctx.autocast:
+                stack.enter_context(
+                    torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=ctx.autocast_cache)
+                )
+            stack.enter_context(torch.enable_grad())
+            for lo in range(0, x2.shape[0], ctx.rows):  # forward order: the RNG draws what the forward drew
+                xc = x2[lo : lo + ctx.rows].detach().requires_grad_(need_dx)
+                y = ctx.fn(xc)
+                inputs = ([xc] if need_dx else []) + params
+                if not inputs or not y.requires_grad:
+                    continue
+                grads = torch.autograd.grad(y, inputs, dy2[lo : lo + ctx.rows], allow_unused=True)
+                if need_dx:
+                    dx[lo : lo + ctx.rows] = grads[0]
+                for i, g in enumerate(grads[1 if need_dx else 0 :]):
+                    if g is not None:
+                        acc = g.to(torch.promote_types(g.dtype, torch.float32))
+                        sums[i] = acc if sums[i] is None else sums[i].add_(acc)
+                del y, grads
+        it = iter(s.to(p.dtype) if s is not None else None for s, p in zip(sums, params, strict=True))
+        param_grads = tuple(next(it) if need else None for need in need_params)
+        return None, None, None if dx is None else dx.view(x.shape), *param_grads
+
+
 def _patch_mlps(model: nn.Module, family: Family) -> int:
     name, count = f"{family.prefix}MLP", 0
-    fwd = _fused_gate_up_mlp_forward if family.fused_gate_up else _mlp_forward
+    body = _fused_gate_up_mlp if family.fused_gate_up else _swiglu_mlp
     for module in model.modules():
         if type(module).__name__ == name:
-            module.forward = types.MethodType(fwd, module)
+            module.forward = types.MethodType(functools.partial(_mlp_forward, body=body), module)
+            setattr(module, MLP_CHUNK_ATTR, None)
             count += 1
     return count
 
