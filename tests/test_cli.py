@@ -146,3 +146,63 @@ def test_adapter_for_another_model_is_refused(tiny, tmp_path, smol_tokenizer_dir
     )
     err = capsys.readouterr().err
     assert "shape" in err and f"made for {root / 'base'}, not for this model ({tmp_path / 'wide'})" in err
+
+
+def _second_adapter(root, model):
+    """Save another adapter (other B) for the tiny base to root / "b"; return a model holding only it."""
+    torch.manual_seed(11)
+    for _, layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+    save_adapter(model, root / "b")
+    return model
+
+
+def test_prompts_file_with_several_adapters_answers_in_order(tiny):
+    root, model, tok = tiny
+    lines = [
+        {"prompt": "One", "adapter": "b"},
+        {"prompt": "Two"},
+        {"prompt": "Three", "adapter": "base"},
+        {"prompt": "Four", "adapter": "a"},
+        {"prompt": "Five", "adapter": "b"},
+    ]
+    (root / "mixed.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    kw = dict(max_new_tokens=6)
+    expected = {p: generate(model, tok, p, **kw) for p in ("Two", "Four")}  # adapter a, the first one
+    expected["Three"] = generate(model, tok, "Three", adapter="base", **kw)
+    _second_adapter(root, model)
+    expected |= {p: generate(model, tok, p, **kw) for p in ("One", "Five")}
+    adapters = ["--adapter", f"a={root / 'adapter'}", "--adapter", f"b={root / 'b'}"]
+    base = ["generate", "--model", str(root / "base"), "--device", "cpu", "--max-new-tokens", "6"]
+    rc = main([*base, *adapters, "--prompts", str(root / "mixed.jsonl"), "--out", str(root / "out.jsonl")])
+    assert rc == 0
+    rows = [json.loads(line) for line in (root / "out.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["One", "Two", "Three", "Four", "Five"]
+    assert rows[2]["adapter"] == "base" and "adapter" not in rows[1]
+    assert {r["prompt"]: r["answer"] for r in rows} == expected
+    assert len(set(expected.values())) >= 3
+
+
+def test_adapter_errors_name_the_record_and_the_names(tiny, capsys):
+    root, _, _ = tiny
+    (root / "p.jsonl").write_text('{"prompt": "ok", "adapter": "a"}\n{"prompt": "x", "adapter": "c"}\n')
+    base = ["generate", "--model", str(root / "base"), "--prompts", str(root / "p.jsonl")]
+    assert main([*base, "--adapter", f"a={root / 'adapter'}", "--adapter", f"b={root / 'adapter'}"]) == 2
+    assert "p.jsonl:2: adapter 'c' is not loaded; loaded: a, b (or 'base' for none)" in capsys.readouterr().err
+    assert main([*base, "--adapter", f"a={root / 'adapter'}", "--adapter", f"a={root / 'adapter'}"]) == 2
+    assert "--adapter: the name 'a' is given twice" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "p.jsonl:1: adapter 'a' is not loaded; no --adapter was given" in capsys.readouterr().err
+
+
+def test_chat_switches_adapters(tiny, monkeypatch, capsys):
+    root, model, tok = tiny
+    first = generate(model, tok, "Hi", max_new_tokens=8)
+    second = generate(_second_adapter(root, model), tok, "Hi", max_new_tokens=8)
+    assert first != second
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n/adapter b\n/reset\nHi\n/adapter nope\n/adapter\n/exit\n"))
+    chat = ["chat", "--model", str(root / "base"), "--device", "cpu", "--max-new-tokens", "8"]
+    assert main([*chat, "--adapter", f"a={root / 'adapter'}", "--adapter", f"b={root / 'b'}"]) == 0
+    out, err = capsys.readouterr()
+    assert out.index(first) < out.index("adapter: b (loaded: a, *b, base)") < out.index(second)
+    assert "unknown adapter 'nope'; loaded: a, b (or 'base' for none)" in err

@@ -4,8 +4,9 @@ import pytest
 import torch
 from kbit_testing import save_tiny_llama
 
+from kbit.export import load_adapter, save_adapter
 from kbit.generate import generate, generate_batch, generate_ids, render_prompt
-from kbit.lora import add_lora, lora_layers
+from kbit.lora import active_adapter, add_lora, lora_layers
 from kbit.models import load_model, load_tokenizer
 
 
@@ -88,3 +89,36 @@ def test_truncate_keeps_the_end_of_a_long_prompt(tmp_path, smol_tokenizer_dir):
         generate_batch(model, tok, [], max_new_tokens=8)
     with pytest.raises(ValueError, match="engine must be one of"):
         generate(model, tok, "hi", engine="fast")
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tmp_path_factory, smol_tokenizer_dir):
+    """A tiny 4-bit Llama folder and two adapters for it (a: alpha 8, b: alpha 16, random non-zero B)."""
+    root = tmp_path_factory.mktemp("two_adapters")
+    save_tiny_llama(root / "base", smol_tokenizer_dir)
+    for name, seed, alpha in (("a", 1, 8), ("b", 2, 16)):
+        model = add_lora(load_model(root / "base", device="cpu"), r=4, alpha=alpha, dropout=0.0)
+        torch.manual_seed(seed)
+        for _, layer in lora_layers(model):
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+        save_adapter(model, root / name)
+    return root, load_tokenizer(root / "base")
+
+
+def test_adapter_per_request_equals_a_model_with_only_that_adapter(two_adapters):
+    root, tok = two_adapters
+    multi = load_model(root / "base", device="cpu")
+    load_adapter(multi, root / "a", name="a")
+    load_adapter(multi, root / "b", name="b")
+    only = {n: load_adapter(load_model(root / "base", device="cpu"), root / n) for n in ("a", "b")}
+    only["base"] = load_model(root / "base", device="cpu")
+    answers = {n: generate_ids(m, tok, "Tell me a story", max_new_tokens=10) for n, m in only.items()}
+    assert len({tuple(a) for a in answers.values()}) == 3  # three different models
+    for name in ("b", "base", "a"):
+        assert generate_ids(multi, tok, "Tell me a story", max_new_tokens=10, adapter=name) == answers[name], name
+        assert active_adapter(multi) == "a"  # a request's adapter is for that request only
+    prompts = ["Tell me a story", "Hi"]
+    batch = generate_batch(multi, tok, prompts, max_new_tokens=10, adapter="b", engine="transformers")
+    assert batch == generate_batch(only["b"], tok, prompts, max_new_tokens=10)
+    with pytest.raises(ValueError, match=r"unknown adapter 'c'; loaded: a, b \(or 'base' for none\)"):
+        generate(multi, tok, "Hi", adapter="c")

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .lora.adapters import adapter_active, check_adapter
+
 Messages = list[dict[str, str]]
 log = logging.getLogger("kbit")
 
@@ -39,7 +41,8 @@ def generate(model, tokenizer, prompt: str | Messages, max_new_tokens: int = 128
     """The model's reply to ``prompt`` (greedy by default), cut at the end-of-turn token or a stop string.
 
     ``options`` are :func:`generate_batch_ids`'s: ``temperature`` (0 = greedy), ``top_p``, ``top_k``, ``stop``,
-    ``seed``, ``dense``, ``engine`` ("auto", "static", "transformers") and ``truncate``.
+    ``seed``, ``dense``, ``engine`` ("auto", "static", "transformers"), ``truncate`` and ``adapter`` (a loaded
+    adapter's name, or "base" for none; default: the active one).
     """
     (text,) = generate_batch(model, tokenizer, [prompt], max_new_tokens, **options)
     return text
@@ -87,6 +90,7 @@ def generate_batch_ids(
     dense: bool | None = None,
     engine: str = "auto",
     truncate: bool = False,
+    adapter: str | None = None,
 ) -> list[list[int]]:
     """New token ids per prompt, decoded ``batch_size`` prompts at a time.
 
@@ -94,7 +98,8 @@ def generate_batch_ids(
     (transformers' ``generate``), "auto" (static for the families it supports, else transformers, with a log line).
     ``dense`` (default: on the CPU) dequantizes each quantized layer once for the whole reply instead of once per
     token; the values are the same, so the tokens are too. ``truncate`` keeps the end of a prompt that is too long
-    for the context instead of raising. ``seed`` makes sampling (temperature > 0) repeatable.
+    for the context instead of raising. ``seed`` makes sampling (temperature > 0) repeatable. ``adapter`` names the
+    loaded adapter to answer with ("base": none; default: the active one); the one active before comes back after.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -106,6 +111,7 @@ def generate_batch_ids(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not prompts:
         raise ValueError("no prompts to answer")
+    check_adapter(model, adapter)
     device = next(model.parameters()).device
     encoded = [_fit_context(model, render_prompt(tokenizer, p)[0], max_new_tokens, truncate) for p in prompts]
     static = _use_static(model, engine, max(ids.numel() for ids in encoded) + max_new_tokens)
@@ -116,7 +122,8 @@ def generate_batch_ids(
     ends = _end_tokens(tokenizer)
     results: list[list[int]] = []
     try:
-        with dequantized(model) if dense else contextlib.nullcontext():
+        chosen = contextlib.nullcontext() if adapter is None else adapter_active(model, adapter)
+        with chosen, dequantized(model) if dense else contextlib.nullcontext():
             for lo in range(0, len(encoded), batch_size):
                 chunk = [ids.to(device) for ids in encoded[lo : lo + batch_size]]
                 if static:

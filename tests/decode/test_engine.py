@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from kbit_testing import TINY
 
 from kbit.decode import Decoder, decode, unsupported_reason
-from kbit.lora import add_lora, lora_layers
+from kbit.export import load_adapter, save_adapter
+from kbit.lora import add_lora, lora_layers, set_adapter
 from kbit.nn import Linear4bit
 
 
-def _model(family: str, seed: int = 0, **extra) -> torch.nn.Module:
-    """A random tiny model of ``family`` with 2 KV heads (GQA), LoRA on every linear with a non-zero B."""
+def _base(family: str, seed: int = 0, **extra) -> torch.nn.Module:
+    """A random tiny model of ``family`` with 2 KV heads (GQA)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     cfg = AutoConfig.for_model(family, num_key_value_heads=2, **(TINY | extra))
     model = AutoModelForCausalLM.from_config(cfg).eval()
     model.generation_config.eos_token_id = None  # decode the full length on both sides
+    return model
+
+
+def _model(family: str, seed: int = 0, **extra) -> torch.nn.Module:
+    """:func:`_base` with LoRA on every linear with a non-zero B."""
+    model = _base(family, seed, **extra)
     add_lora(model, r=4, alpha=8, dropout=0.0)
     for _, layer in lora_layers(model):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
@@ -97,3 +106,36 @@ def test_sliding_window_longer_than_the_reply_is_exact_and_shorter_is_refused():
     assert "sliding-window" in unsupported_reason(model, 100)
     with pytest.raises(ValueError, match="sliding-window"):
         Decoder(model, 1, 100)
+
+
+def test_the_cached_decoder_follows_an_adapter_switch(tmp_path):
+    """Adapters of one scale switch under the same decoder; another scale, or none, gets a new one. Each gives the
+    tokens of a model holding only that adapter."""
+    model = _model("llama", seed=9)
+    save_adapter(model, tmp_path / "a")
+    for alpha, name in ((8, "b"), (16, "c")):
+        torch.manual_seed(alpha)
+        for _, layer in lora_layers(model):
+            torch.nn.init.normal_(layer.lora_A.weight, std=0.2)
+            torch.nn.init.normal_(layer.lora_B.weight, std=0.05)
+        model.lora_settings = dataclasses.replace(model.lora_settings, alpha=alpha)
+        save_adapter(model, tmp_path / name)
+    ids = torch.randint(0, 256, (6,), generator=torch.Generator().manual_seed(9))
+    alone = {n: decode(load_adapter(_base("llama", 9), tmp_path / n), [ids], 24, end_ids=[])[0] for n in "abc"}
+    alone["base"] = decode(_base("llama", 9), [ids], 24, end_ids=[])[0]
+    assert len({tuple(t) for t in alone.values()}) == 4
+
+    multi = _base("llama", 9)
+    for name in "abc":
+        load_adapter(multi, tmp_path / name, name=name)
+    assert decode(multi, [ids], 24, end_ids=[])[0] == alone["a"]
+    cached = multi._kbit_decoder
+    for name in ("b", "a", "b"):
+        set_adapter(multi, name)
+        assert decode(multi, [ids], 24, end_ids=[])[0] == alone[name]
+        assert multi._kbit_decoder is cached  # the same decoder, reading the copied tensors
+    for name in ("c", "base", "a"):
+        before = multi._kbit_decoder
+        set_adapter(multi, name)
+        assert decode(multi, [ids], 24, end_ids=[])[0] == alone[name], name
+        assert multi._kbit_decoder is not before  # a new scale or on/off: a graph holds these as constants

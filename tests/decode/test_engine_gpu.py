@@ -137,3 +137,34 @@ def test_input_embeddings_in_host_memory_decode_the_same_tokens():
     assert decode(model, [ids], 24, end_ids=[]) == before
     dec = model._kbit_decoder
     assert dec.host_rows is not None and dec.graph is not None
+
+
+def test_adapters_switched_under_the_captured_graph_decode_their_own_tokens(tmp_path):
+    """Two adapters on one model, switched in place under one captured graph: each decodes, token for token, what a
+    model holding only it decodes; "base" (a recapture: the adapters are off) decodes the bare model's tokens."""
+    from kbit.export import load_adapter, save_adapter
+    from kbit.lora import set_adapter
+
+    model = _model(6)  # its adapter is the one named "default" below
+    gen = torch.Generator("cuda").manual_seed(6)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_A.weight.normal_(0, 0.05, generator=gen)
+            layer.lora_B.weight.normal_(0, 0.02, generator=gen)
+    save_adapter(model, tmp_path / "b")
+    only_a, only_b = _model(6), load_adapter(_model(6), tmp_path / "b")
+    multi = load_adapter(_model(6), tmp_path / "b", name="b")
+    ids = torch.randint(0, 1024, (20,), device="cuda", generator=torch.Generator("cuda").manual_seed(6))
+    ref = {"default": decode(only_a, [ids], 48, end_ids=[])[0], "b": decode(only_b, [ids], 48, end_ids=[])[0]}
+    assert ref["default"] != ref["b"]
+    assert decode(multi, [ids], 48, end_ids=[])[0] == ref["default"]
+    graph = multi._kbit_decoder.graph
+    assert graph is not None
+    for name in ("b", "default", "b"):
+        set_adapter(multi, name)
+        assert decode(multi, [ids], 48, end_ids=[])[0] == ref[name], name
+        assert multi._kbit_decoder.graph is graph
+    set_adapter(multi, "base")
+    base = decode(multi, [ids], 48, end_ids=[])[0]
+    assert multi._kbit_decoder.graph is not graph and base not in ref.values()
+    assert_greedy(multi, ids, base, _reference(multi, ids, 48))

@@ -63,7 +63,12 @@ def _attention_window(cfg) -> int | None:
 
 def _lora_parts(module: nn.Module):
     """(base Linear4bit, A, B, scale) when ``module`` is a plain LoRA over Linear4bit in eval mode, else None."""
-    if isinstance(module, LoRALinear) and not module.use_dora and isinstance(module.base_layer, Linear4bit):
+    if (
+        isinstance(module, LoRALinear)
+        and module.enabled
+        and not module.use_dora
+        and isinstance(module.base_layer, Linear4bit)
+    ):
         if isinstance(module.lora_dropout, nn.Identity) or not module.training:
             return module.base_layer, module.lora_A.weight, module.lora_B.weight, module.scale
     return None
@@ -77,6 +82,8 @@ def project(
 
     ``xa`` is ``x A^T`` of a LoRA module when the caller already has it (one matmul for the adapters of q, k and v).
     """
+    if isinstance(module, LoRALinear) and not module.enabled:
+        module = module.base_layer  # adapters switched off ("base"): the base layer alone
     if x.shape[0] == 1 and x.is_cuda:
         if isinstance(module, Linear4bit) and (residual is None or residual.dtype == module.compute_dtype):
             xc = x.to(module.compute_dtype)
@@ -323,9 +330,11 @@ def decoder_for(model: nn.Module, batch: int, max_len: int) -> Decoder:
     return model._kbit_decoder
 
 
-def structure(model: nn.Module) -> tuple[int, ...]:
-    """Identity of every module: a captured graph is stale once a module is swapped (an adapter added, a merge)."""
-    return tuple(map(id, model.modules()))
+def structure(model: nn.Module) -> tuple:
+    """Identity of every module, with each LoRA layer's scale and on/off switch: a captured graph is stale once a
+    module is swapped (an adapter added, a merge) or an adapter of another scale, or none, is switched on (the graph
+    holds the scale as a constant; adapters of the same scale switch in place under it)."""
+    return tuple((id(m), m.scale, m.enabled) if isinstance(m, LoRALinear) else id(m) for m in model.modules())
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -21,15 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..lora.inject import (
-    SETTINGS_ATTR,
-    LoraSettings,
-    apply_lora,
-    lora_layers,
-    lora_settings,
-    saved_modules,
-    target_names,
-)
+from ..lora.adapters import DEFAULT, adapter_tensors, add_adapter, check_new_name, list_adapters, start_adapters
+from ..lora.inject import SETTINGS_ATTR, LoraSettings, apply_lora, lora_settings, target_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -68,16 +61,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's live tensors under PEFT's file keys: LoRA A/B, DoRA magnitudes, modules_to_save."""
     model = _unwrap(model)
     lora_settings(model)  # raises a clear error for a model without LoRA
-    state: dict[str, torch.Tensor] = {}
-    for path, layer in lora_layers(model):
-        state[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A.weight
-        state[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B.weight
-        if layer.lora_magnitude_vector is not None:
-            state[f"{PREFIX}{path}.lora_magnitude_vector"] = layer.lora_magnitude_vector
-    for path, module in saved_modules(model):
-        for key, tensor in module.state_dict(keep_vars=True).items():
-            state[f"{PREFIX}{path}.{key}"] = tensor
-    return state
+    return {PREFIX + key: tensor for key, tensor in adapter_tensors(model).items()}
 
 
 def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
@@ -190,8 +174,15 @@ def _file_key(key: str) -> str:
     return key if key.startswith(PREFIX) else PREFIX + key
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Load a PEFT-format LoRA folder into ``model``, first adding LoRA layers in ``dtype`` if it has none."""
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, name: str | None = None
+) -> nn.Module:
+    """Load a PEFT-format LoRA folder into ``model``, first adding LoRA layers in ``dtype`` if it has none.
+
+    Without ``name`` the folder's weights replace the active adapter's (a model without LoRA calls it "default").
+    With ``name`` it is kept beside the adapters already loaded (the first one loaded is active; switch with
+    ``kbit.set_adapter``), in the dtype of the loaded ones; it must adapt the same layers with the same rank.
+    """
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights = directory / WEIGHTS_NAME
@@ -201,13 +192,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, dtype: torch.dt
         raise FileNotFoundError(f"{weights} is missing{hint}")
     settings = settings_from_config(config, directory / CONFIG_NAME)
     target = _unwrap(model)
+    if name is not None:
+        check_new_name(target, name)
     current = getattr(target, SETTINGS_ATTR, None)
+    beside = name is not None and current is not None  # a further adapter, kept beside the active one
     if current is None:
         try:
             apply_lora(target, settings, dtype)
         except ValueError as error:
             raise ValueError(f"adapter {directory} does not fit {type(target).__name__}: {error}") from error
-    else:
+        start_adapters(target, name or DEFAULT)
+    elif not beside:
         mine = (current.r, current.alpha, current.use_rslora, current.use_dora)
         theirs = (settings.r, settings.alpha, settings.use_rslora, settings.use_dora)
         if mine != theirs:
@@ -221,25 +216,80 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, dtype: torch.dt
     this = source or getattr(getattr(target, "config", None), "_name_or_path", None) or type(target).__name__
     other = f"the adapter was made for {made_for}, not for this model ({this})"
     loaded: dict[str, torch.Tensor] = {}
+    raw: dict[str, str] = {}  # the file's own key of each, for messages
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
-            name = _file_key(key)
-            if name not in expected:
-                raise ValueError(
-                    f"{weights}: {key!r} matches no LoRA layer or saved module of {type(target).__name__}; "
-                    f"{other}, or for other target_modules"
-                )
-            tensor = f.get_tensor(key)
-            if tensor.shape != expected[name].shape:
-                raise ValueError(
-                    f"{weights}: {key!r} has shape {tuple(tensor.shape)} but the model's tensor has shape "
-                    f"{tuple(expected[name].shape)}; {other}"
-                )
-            loaded[name] = tensor
+            raw[_file_key(key)] = key
+            loaded[_file_key(key)] = f.get_tensor(key)
+    if beside:
+        _check_beside(target, name, directory, loaded, expected, other)
+        add_adapter(target, name, settings, {key.removeprefix(PREFIX): t for key, t in loaded.items()})
+        return model
+    for key, tensor in loaded.items():
+        if key not in expected:
+            raise ValueError(
+                f"{weights}: {raw[key]!r} matches no LoRA layer or saved module of {type(target).__name__}; "
+                f"{other}, or for other target_modules"
+            )
+        if tensor.shape != expected[key].shape:
+            raise ValueError(
+                f"{weights}: {raw[key]!r} has shape {tuple(tensor.shape)} but the model's tensor has shape "
+                f"{tuple(expected[key].shape)}; {other}"
+            )
     missing = sorted(set(expected) - set(loaded))
     if missing:
         raise ValueError(f"{weights} lacks {len(missing)} tensors the model's adapter needs, e.g. {missing[:3]}")
     with torch.no_grad():  # copy only once every key checked out: a bad file leaves no half-loaded adapter
-        for name, tensor in loaded.items():
-            expected[name].copy_(tensor)
+        for key, tensor in loaded.items():
+            expected[key].copy_(tensor)
     return model
+
+
+def _check_beside(
+    model: nn.Module,
+    name: str,
+    directory: Path,
+    loaded: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    other: str,
+) -> None:
+    """Raise unless ``loaded`` (file keys) has the shapes of the model's adapter tensors ``expected``.
+
+    A tensor of a layer the model lacks, or of another width, means another base model; one layer more or fewer, or
+    another rank, means an adapter unlike the loaded ones: the error names both adapters and the first such layer.
+    """
+    weights = directory / WEIGHTS_NAME
+    modules = dict(model.named_modules())
+    order = {path: i for i, path in enumerate(modules)}
+    first = list_adapters(model)[0]
+
+    def layer_of(key: str) -> str:
+        local = key.removeprefix(PREFIX)
+        return local.rsplit(".lora_", 1)[0] if ".lora_" in local else local.rsplit(".", 1)[0]
+
+    keys = sorted(loaded.keys() | expected.keys(), key=lambda k: (order.get(layer_of(k), len(order)), k))
+    for key in keys:
+        layer = layer_of(key)
+        if key in loaded and layer not in modules:
+            raise ValueError(f"{weights}: {key!r} matches no layer of {type(model).__name__}; {other}")
+        what = key.removeprefix(PREFIX + layer + ".")
+        if key not in expected:
+            why = f"{what} is in {name!r} but not in {first!r}"
+        elif key not in loaded:
+            why = f"{what} is in {first!r} but not in {name!r}"
+        elif loaded[key].shape != expected[key].shape:
+            theirs, mine = tuple(loaded[key].shape), tuple(expected[key].shape)
+            rank_dim = {"lora_A.weight": 0, "lora_B.weight": 1}.get(what)
+            if rank_dim is None or [d for i, d in enumerate(theirs) if i != rank_dim] != [
+                d for i, d in enumerate(mine) if i != rank_dim
+            ]:
+                raise ValueError(
+                    f"{weights}: {key!r} has shape {theirs} but the model's tensor has shape {mine}; {other}"
+                )
+            why = f"{what} is {theirs} in {name!r} but {mine} in {first!r} (another rank)"
+        else:
+            continue
+        raise ValueError(
+            f"adapter {name!r} ({directory}) does not match adapter {first!r} at {layer}: {why}; adapters loaded "
+            "together need the same target modules, rank and DoRA setting"
+        )

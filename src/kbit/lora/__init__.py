@@ -1,5 +1,6 @@
 """LoRA / rsLoRA / DoRA adapters on any linear-like layer (plain or kbit-quantized), PEFT-compatible."""
 
+from .adapters import active_adapter, adapter_active, adapter_tensors, list_adapters, set_adapter
 from .inject import (
     LoraSettings,
     add_lora,
@@ -17,15 +18,20 @@ from .layer import LoRALinear, is_linear_like, is_quantized_linear
 __all__ = [
     "LoRALinear",
     "LoraSettings",
+    "active_adapter",
+    "adapter_active",
+    "adapter_tensors",
     "add_lora",
     "apply_lora",
     "find_targets",
     "is_linear_like",
     "is_quantized_linear",
+    "list_adapters",
     "lora_layers",
     "lora_settings",
     "print_trainable_parameters",
     "saved_modules",
+    "set_adapter",
     "target_names",
     "trainable_parameters",
 ]

@@ -43,6 +43,11 @@ def base_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return module.weight.to(dtype)
 
 
+def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """LoRA's multiplier of B A: alpha / r, or alpha / sqrt(r) for rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 def module_device(module: nn.Module) -> torch.device:
     """The device of a module's first parameter or buffer (CPU for an empty module)."""
     for tensor in (*module.parameters(), *module.buffers()):
@@ -58,6 +63,7 @@ class LoRALinear(nn.Module):
     DoRA:  y = b + m / ||W + s·B A||_row · (W x + s · B A x),  m [out] initialised to ||W + s·B A||_row.
            The row norm is detached (DoRA paper §4.3, as PEFT does), so it gets no gradient.
     The adapter math runs in the adapter dtype (x is cast to it); the sum is in the base output's dtype.
+    With ``enabled`` False the layer computes base(x) alone.
     """
 
     def __init__(
@@ -81,7 +87,9 @@ class LoRALinear(nn.Module):
         self.out_features: int = base_layer.out_features
         self.r = r
         self.alpha = alpha
-        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scale = lora_scale(r, alpha, use_rslora)
+        # Off: the layer is its base alone (kbit.lora.set_adapter(model, "base")); the adapter's tensors stay.
+        self.enabled = True
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
         device = module_device(base_layer)
@@ -121,6 +129,8 @@ class LoRALinear(nn.Module):
         return torch.linalg.norm(weight + self.scale * lora_weight, dim=1).to(weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base_layer(x)
         result = self.base_layer(x)
         x = x.to(self.lora_A.weight.dtype)
         if self.lora_magnitude_vector is None:
@@ -150,6 +160,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense [out, in] weight applied in eval mode: W + s·B A; DoRA: m/||W + s·B A|| · (W + s·B A)."""
+        if not self.enabled:
+            return base_weight(self.base_layer, dtype)
         weight = base_weight(self.base_layer, dtype) + self.scale * self._lora_weight(dtype)
         if self.lora_magnitude_vector is not None:
             factor = self.lora_magnitude_vector.to(dtype) / torch.linalg.norm(weight, dim=1)
@@ -157,4 +169,5 @@ class LoRALinear(nn.Module):
         return weight
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, dora={self.use_dora}"
+        on = "" if self.enabled else ", enabled=False"
+        return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, dora={self.use_dora}{on}"
