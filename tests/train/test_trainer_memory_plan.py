@@ -42,6 +42,15 @@ def test_plan_line_is_in_the_start_up_header(make_model, tmp_path, capsys):
     assert "memory plan: offload on all 2 layers, as configured\n" in out
 
 
+def test_the_plan_line_says_where_an_auto_plan_came_from(make_model, tmp_path):
+    cases = {None: "memory_plan auto on CPU", True: "from gradient_checkpointing: true"}
+    for checkpointing, why in cases.items():
+        config = train_config(tmp_path, memory_plan="auto", gradient_checkpointing=checkpointing)
+        trainer = Trainer(make_model(), None, synthetic_examples(4), None, config)
+        mode = "full" if checkpointing else "none"
+        assert trainer.memory_plan.line == f"memory plan: {mode} on all 2 layers, {why}"
+
+
 def test_a_model_without_decoder_layers_fails_naming_the_key(tmp_path):
     class Bare(torch.nn.Module):
         def __init__(self):

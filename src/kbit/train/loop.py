@@ -181,7 +181,13 @@ class Trainer:
         from ..models.memory_plan import free_device_bytes, plan_memory, step_bytes
 
         cfg = self.config
-        mode, why = cfg.resolved_memory_plan(self.device.type), "as configured"
+        mode = cfg.resolved_memory_plan(self.device.type)
+        if cfg.memory_plan != "auto":
+            why = "as configured"
+        elif cfg.gradient_checkpointing is not None:
+            why = f"from gradient_checkpointing: {str(cfg.gradient_checkpointing).lower()}"
+        else:
+            why = f"memory_plan auto on {self.device.type.upper()}"
         if mode == "speed" and is_sharded(model):  # the probe would run FSDP's hooks out of order
             mode, why = "full", "speed is not planned for a model that FSDP already shards"
         batch = cfg.per_device_train_batch_size
