@@ -101,7 +101,7 @@ def remedies(
     if not gradient_checkpointing:
         tips.append("activation checkpointing (memory_plan: full, or memory to keep layer inputs in host memory)")
     else:
-        tips.append("memory_plan: memory (checkpointed layer inputs in host memory) if it is not set")
+        tips.append("memory_plan: memory (layer inputs in host memory), or full if a speed plan kept some layers")
     if batch > 1:
         tips.append("a smaller per_device_train_batch_size (with more gradient_accumulation_steps)")
     tips.append("a shorter max_seq_len")
