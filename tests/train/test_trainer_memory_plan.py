@@ -51,6 +51,44 @@ def test_the_plan_line_says_where_an_auto_plan_came_from(make_model, tmp_path):
         assert trainer.memory_plan.line == f"memory plan: {mode} on all 2 layers, {why}"
 
 
+def _short_of_memory(model) -> None:
+    """Make the last decoder layer fail as a GPU out of memory does whenever it keeps its activations (after the
+    first layer has drawn its dropout masks, so a retry must rewind the RNG)."""
+
+    def no_room(layer, args):
+        if not layer.gradient_checkpointing:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB.")
+
+    decoder_layers(model)[-1].register_forward_pre_hook(no_room)
+
+
+def test_a_speed_plan_out_of_memory_retries_with_every_layer_recomputed(make_model, tmp_path, capsys):
+    """The step is replayed from the same RNG state (same dropout masks), so the run's losses are those of a run
+    planned 'full' from the start."""
+    examples = synthetic_examples(8, seed=5)
+    losses = {}
+    for plan in ("speed", "full"):
+        model = make_model(bits=4, dropout=0.1)
+        _short_of_memory(model)
+        trainer = Trainer(model, None, examples, None, train_config(tmp_path / plan, memory_plan=plan, max_steps=3))
+        assert trainer.memory_plan.modes == (("none", "none") if plan == "speed" else ("full", "full"))
+        losses[plan] = trainer.train().losses
+        assert trainer.memory_plan.modes == ("full", "full")
+    assert losses["speed"] == losses["full"] and len(losses["speed"]) == 3
+    out = capsys.readouterr().out
+    assert "memory plan: out of memory in step 1 with 2 layers kept; recomputing every layer from now on" in out
+
+
+def test_a_plan_set_by_hand_is_not_changed_on_out_of_memory(make_model, tmp_path):
+    from kbit.dist import RankOutOfMemoryError
+
+    model = make_model()
+    _short_of_memory(model)
+    trainer = Trainer(model, None, synthetic_examples(4), None, train_config(tmp_path, memory_plan="none"))
+    with pytest.raises(RankOutOfMemoryError, match="ran out of memory in step 1"):
+        trainer.train()
+
+
 def test_a_model_without_decoder_layers_fails_naming_the_key(tmp_path):
     class Bare(torch.nn.Module):
         def __init__(self):

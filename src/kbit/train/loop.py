@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from ..data import IGNORE_INDEX, Batch, Example, TokenizedData, collate
 from ..dist import DistContext, apply_strategy, current_context, full_tensor, is_sharded, sync_gradients
 from ..dist import checkpoint as dist_ckpt
-from ..dist.oom import explain_out_of_memory
+from ..dist.oom import explain_out_of_memory, is_out_of_memory
 from ..dist.shard import compute_device
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, build_config
@@ -182,6 +182,7 @@ class Trainer:
 
         cfg = self.config
         mode = cfg.resolved_memory_plan(self.device.type)
+        self._plan_mode = mode  # a speed plan may fall back to recomputing every layer (_fall_back_to_full)
         if cfg.memory_plan != "auto":
             why = "as configured"
         elif cfg.gradient_checkpointing is not None:
@@ -219,6 +220,34 @@ class Trainer:
             # the frozen input embedding table (1 GiB for an 8B model) waits in host memory; rows go over per step
             plan = MemoryPlan(plan.modes, f"{plan.line}; {offload_input_embeddings(model)}")
         return plan
+
+    def _can_fall_back(self) -> bool:
+        """True when an out-of-memory error in forward/backward may be retried with every layer recomputed: the
+        plan was chosen for speed, kept some layers, and this is one process (ranks must agree on a plan)."""
+        return (
+            getattr(self, "_plan_mode", None) == "speed"
+            and "none" in self.memory_plan.modes
+            and not self.dist.distributed
+        )
+
+    def _fall_back_to_full(self, progress: Progress) -> None:
+        """The speed plan kept too many layers: recompute every layer from now on (a line says so)."""
+        from ..models.checkpointing import set_checkpointing
+        from ..models.memory_plan import MemoryPlan
+
+        self.optimizer.zero_grad(set_to_none=True)  # the failed attempt's partial gradients
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        kept = self.memory_plan.modes.count("none")
+        modes = tuple("full" if m == "none" else m for m in self.memory_plan.modes)
+        set_checkpointing(self.model, modes)
+        line = (
+            f"memory plan: out of memory in step {self.step + 1} with {kept} layers kept; "
+            f"recomputing every layer from now on (memory_plan: full sets this from the start)"
+        )
+        self.memory_plan = MemoryPlan(modes, line)
+        self.gradient_checkpointing = True
+        progress.write(line)
 
     # ---- data ----------------------------------------------------------------------------------------------
 
@@ -378,17 +407,28 @@ class Trainer:
                     first = self.step * self.accum
                     micro = [self.micro_batch(m) for m in range(first, first + self.accum)]
                     # out of memory: one line naming this rank, its micro-batches and kbit's estimate for it
+                    retry = False
                     with explain_out_of_memory(self.dist, self.model, micro, step=self.step + 1,
                                                strategy=self.strategy, optim=cfg.optim, cpu_offload=cfg.cpu_offload,
                                                gradient_checkpointing=self.gradient_checkpointing):  # fmt: skip
-                        loss = self.accumulate(micro).item()
-                        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-                        # Under FSDP the norm is a DTensor over the shards; its full value is the global norm.
-                        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm)).item()
-                        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                            self._diverged(loss, grad_norm)
-                        lr = self.optimizer.param_groups[0]["lr"]
-                        self.optimizer.step()
+                        try:
+                            loss = self.accumulate(micro).item()
+                        except (torch.OutOfMemoryError, RuntimeError) as error:
+                            if not (is_out_of_memory(error) and self._can_fall_back()):
+                                raise
+                            retry = True  # acted on below, once this frame no longer holds the failed graph
+                        if not retry:
+                            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+                            # Under FSDP the norm is a DTensor over the shards; its full value is the global norm.
+                            grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, max_norm)).item()
+                            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                                self._diverged(loss, grad_norm)
+                            lr = self.optimizer.param_groups[0]["lr"]
+                            self.optimizer.step()
+                    if retry:
+                        self._fall_back_to_full(progress)
+                        ckpt.set_rng_state(self._rng_before_step)  # the same dropout masks as a first try
+                        continue
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.step += 1
