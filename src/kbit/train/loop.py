@@ -225,7 +225,7 @@ class Trainer:
         """True when an out-of-memory error in forward/backward may be retried with every layer recomputed: the
         plan was chosen for speed, kept some layers, and this is one process (ranks must agree on a plan)."""
         return (
-            getattr(self, "_plan_mode", None) == "speed"
+            self._plan_mode == "speed"
             and "none" in self.memory_plan.modes
             and not self.dist.distributed
         )
