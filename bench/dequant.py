@@ -38,7 +38,7 @@ CONFIGS = [(w, warps, g) for g in (True, False) for w, warps in ((512, 4), (1024
 
 def time_graph(fn, inputs: list, reps: int = 30) -> float:
     """Median µs per call of ``fn(inputs[i % len])`` over CALLS calls replayed from one CUDA graph."""
-    for i in range(3):  # compile and warm up outside the capture
+    for i in range(max(3, len(inputs))):  # compile, and build any per-input cache, outside the capture
         fn(inputs[i % len(inputs)])
     torch.cuda.synchronize()
     outs = []  # kept alive so every captured call writes its own buffer

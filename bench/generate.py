@@ -93,13 +93,15 @@ def gemv_rows(copy_bw: float, label: str = "kbit", row_counts: tuple[int, ...] =
 
 def sweep_configs() -> dict[int, tuple[int, ...]]:
     """Time GEMV tilings (BLOCK_N, blocks per iteration, warps, stages, mode) at 1 row; returns the best
-    over all shapes for each arithmetic mode (exact, factored, and the no-table bandwidth probe)."""
+    over all shapes for each arithmetic mode (exact, factored, the no-table bandwidth probe, PRMT lookups), and
+    under the key None the fastest of the modes the decoder may use (factored, lut)."""
     from functools import partial
 
     from kbit.kernels.triton import gemv4
     from kbit.quant import quantize_4bit
 
-    configs = [(bn, nb, w, 1, mode) for mode in (0, 1, 2) for bn in (4, 8, 16) for nb in (4, 8, 16)
+    modes = (gemv4.EXACT, gemv4.FACTORED, gemv4.PROBE, gemv4.LUT)
+    configs = [(bn, nb, w, 1, mode) for mode in modes for bn in (4, 8, 16) for nb in (4, 8, 16)
                for w in (2, 4)]  # fmt: skip
     total = dict.fromkeys(configs, 0.0)
     for n, k in ((14336, 4096), (4096, 4096), (4096, 14336)):
@@ -116,10 +118,11 @@ def sweep_configs() -> dict[int, tuple[int, ...]]:
         del qs
         torch.cuda.empty_cache()
     best = {}
-    for mode in (0, 1, 2):
+    for mode in modes:
         ranked = sorted(((c, us) for c, us in total.items() if c[4] == mode), key=lambda kv: kv[1])
         emit(part="sweep", mode=mode, best=[dict(config=c, sum_us=round(us, 1)) for c, us in ranked[:5]])
         best[mode] = ranked[0][0]
+    best[None] = min((best[gemv4.FACTORED], best[gemv4.LUT]), key=total.__getitem__)
     return best
 
 
@@ -251,6 +254,7 @@ def main() -> None:
     p.add_argument("--skip-gemv", action="store_true")
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--sweep", action="store_true", help="time GEMV tilings first (sets gemv4.CONFIG)")
+    p.add_argument("--gemv-config", default=None, help="BLOCK_N,NB,warps,stages,mode for gemv4.CONFIG (a sweep's)")
     p.add_argument("--profile", action="store_true", help="also profile one eager decode step by kernel")
     p.add_argument("--unsloth", action="store_true", help="also run Unsloth's inference mode (needs its wheels)")
     p.add_argument("--peer-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "bench",
@@ -259,13 +263,18 @@ def main() -> None:
     emit(part="device", gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
     bw = copy_bandwidth()
     emit(part="copy", tb_s=round(bw / 1e12, 3))
+    if args.gemv_config:
+        from kbit.kernels.triton import gemv4
+
+        gemv4.CONFIG = tuple(int(v) for v in args.gemv_config.split(","))
     if args.sweep:
         from kbit.kernels.triton import gemv4
 
         best = sweep_configs()
         gemv4.CONFIG = best[gemv4.EXACT]
         gemv_rows(bw, "kbit exact", (1,))
-        gemv4.CONFIG = best[gemv4.FACTORED]  # the rest of the run uses the winner of the default (factored) mode
+        gemv4.CONFIG = best[None]  # the rest of the run uses the faster of the decoder's modes (factored, lut)
+        emit(part="config", gemv=list(gemv4.CONFIG))
     if not args.skip_gemv:
         gemv_rows(bw)
 

@@ -33,14 +33,19 @@ matmul rate); "% with recompute" counts what the backward really executes: the f
 (all of them in reference, fast-full, fast-offload and fast-memory, the plan's in fast-auto; fast-selective counts
 as none).
 
-Each row also reports peak pinned host memory (torch's pinned allocator: the offloaded layer inputs, each block
-rounded up to a power of two) and the process's peak resident host memory. Before a mode runs, the bench checks that
+Each row also reports peak pinned host memory (kbit's offload buffers, each exactly its layer input's bytes, plus
+torch's pinned allocator: fast-memory's looked-up embedding rows) and the process's peak resident host memory; on
+CUDA a line under the row splits the peak allocated memory into frozen weights, trainable parameters, their
+gradients, optimizer state and the rest, with what the first timed step held after its forward and its peak up to
+then. Every mode applies its memory plan with kbit.models.memory_plan.apply_plan (checkpointing per layer, and the
+recomputed layers' patched MLP in pieces: at 8 x 2048 two of 8192 tokens). Before a mode runs, the bench checks that
 the model passes no attention mask to its layers (transformers' SDPA path at batch 1 without padding: causal
-attention without a T x T mask; another attention implementation would build one) and, on CUDA, that the layer inputs
-the plan offloads fit the host's available memory once rounded as torch pins them; a mode that fails either is
-reported and skipped rather than run into an out-of-memory kill. ``--mlp-chunk N`` forces the patched MLP to run
-inputs longer than N tokens in pieces of N (0: never; default: kbit's automatic rule, pieces of 16,384 tokens above
-16,384 for the 8B shape); ``--sdpa-backend`` restricts PyTorch's attention kernels (flash, efficient, cudnn, math).
+attention without a T x T mask; another attention implementation would build one) and, on CUDA, that the layer
+inputs the plan offloads fit the host's available memory; a mode that fails either is reported and skipped rather
+than run into an out-of-memory kill. ``--mlp-chunk N`` forces the patched MLP to run inputs longer than N tokens in
+pieces of N in every layer (0: never; default: kbit's rules, pieces of 16,384 tokens above 16,384 for the 8B shape in
+kept layers, kbit.models.patch.recompute_chunk_rows in recomputed ones); ``--sdpa-backend`` restricts PyTorch's
+attention kernels (flash, efficient, cudnn, math).
 
 ``--profile`` runs one more step of each mode and batch under torch.profiler (after the timed ones, so its overhead
 stays out of the table) and prints the GPU time of its kernels by class: 4-bit dequant (kbit's Triton dequantize),
@@ -129,24 +134,23 @@ def sync(device: str) -> None:
 
 
 def set_mode(model, mode: str, batch: int, seq_len: int) -> tuple[str, int, tuple[str, ...]]:
-    """Apply ``mode``'s checkpointing for this batch size; (the line saying what, decoder layers recomputed, the
-    mode of each layer)."""
+    """Apply ``mode``'s memory plan for this batch size (apply_plan: checkpointing per layer, the MLP pieces of the
+    recomputed layers); (the line saying what, decoder layers recomputed, the mode of each layer)."""
     from kbit.estimate import OPTIMIZER_BYTES
-    from kbit.models.checkpointing import decoder_layers, set_checkpointing
-    from kbit.models.memory_plan import plan_memory, step_bytes
+    from kbit.models.memory_plan import apply_plan, plan_memory, step_bytes
     from kbit.models.offload import offload_input_embeddings
 
-    n = len(decoder_layers(model))
     if mode == "fast-auto":  # the trainer's "speed" plan: the fused loss, torch AdamW's two moments per parameter
         reserve = step_bytes(model, batch, seq_len, OPTIMIZER_BYTES["adamw"], fused_loss=True)
         plan = plan_memory(model, "speed", batch, seq_len, reserve_bytes=reserve)
-        set_checkpointing(model, plan.modes)
-        return plan.line, n - plan.modes.count("none"), plan.modes
-    if mode == "fast-memory":
-        return f"{set_checkpointing(model, 'offload')}; {offload_input_embeddings(model)}", n, ("offload",) * n
-    checkpointing = {"reference": "full", "fast-offload": "offload"}.get(mode, mode.removeprefix("fast-"))
-    recomputed = 0 if checkpointing in ("none", "selective") else n
-    return set_checkpointing(model, checkpointing), recomputed, (checkpointing,) * n
+    else:
+        kind = {"reference": "full", "fast-offload": "offload", "fast-memory": "memory"}.get(mode)
+        plan = plan_memory(model, kind or mode.removeprefix("fast-"), batch, seq_len, why=f"bench mode {mode}")
+    line = f"{plan.line}; {apply_plan(model, plan)}"
+    if mode == "fast-memory":  # the trainer's memory plan on CUDA: the embedding table in host memory too
+        line += f"; {offload_input_embeddings(model)}"
+    recomputed = sum(m in ("full", "offload") for m in plan.modes)  # selective counts as none
+    return line, recomputed, plan.modes
 
 
 class _Captured(Exception):
@@ -177,13 +181,15 @@ def check_attention_mask(model, device: str) -> torch.Tensor | None:
 
 
 def pinned_need(model, modes: tuple[str, ...], mode: str, batch: int, seq_len: int) -> int:
-    """Pinned host bytes a step of ``modes`` takes: each offloaded layer input (and with fast-memory the looked-up
-    embedding rows) as one block, rounded up to a power of two as torch's pinned allocator does."""
+    """Pinned host bytes a step of ``modes`` takes: each offloaded layer input exactly (kbit's host buffers, to the
+    page) and, with fast-memory, the looked-up embedding rows as one block of torch's pinned allocator (rounded up to
+    a power of two)."""
     from kbit.estimate import pinned_bytes
 
     itemsize = model.get_input_embeddings().weight.element_size()
-    block = pinned_bytes(batch * seq_len * model.config.hidden_size * itemsize)
-    return (modes.count("offload") + (mode == "fast-memory")) * block
+    nbytes = batch * seq_len * model.config.hidden_size * itemsize
+    rows = 1 << (nbytes - 1).bit_length() if mode == "fast-memory" else 0
+    return modes.count("offload") * pinned_bytes(nbytes) + rows
 
 
 def host_available() -> int | None:
@@ -203,23 +209,30 @@ def host_available() -> int | None:
 
 
 def host_row(device: str) -> dict:
-    """Peak pinned host GiB (torch's pinned pool, since the last reset) and the process's peak resident GiB."""
+    """Peak pinned host GiB since the last reset (kbit's offload buffers plus torch's pinned pool, each at its own
+    peak) and the process's peak resident GiB."""
+    from kbit.models.offload import pinned_host_bytes
+
     row = {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
-    if device == "cuda" and hasattr(torch.cuda, "host_memory_stats"):
-        stats = torch.cuda.host_memory_stats()
-        if "allocated_bytes.peak" in stats:
-            row["peak_pinned_gib"] = stats["allocated_bytes.peak"] / GIB
+    if device == "cuda":
+        pinned = pinned_host_bytes()[1]
+        if hasattr(torch.cuda, "host_memory_stats"):
+            pinned += torch.cuda.host_memory_stats().get("allocated_bytes.peak", 0)
+        row["peak_pinned_gib"] = pinned / GIB
     return row
 
 
-def train_step(model, opt, mode: str, ids: torch.Tensor) -> torch.Tensor:
-    """One optimizer step on ``ids``; the loss."""
+def train_step(model, opt, mode: str, ids: torch.Tensor, marks: dict | None = None) -> torch.Tensor:
+    """One optimizer step on ``ids``; the loss. With ``marks`` (CUDA), the bytes allocated after the forward and the
+    allocator's peak up to then (its host-side counters: no synchronisation)."""
     if mode == "reference":  # kbit's trainer: logits, then float32 cross-entropy
         logits = model(input_ids=ids, use_cache=False).logits
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
         del logits
     else:
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    if marks is not None:
+        marks.update(after_forward=torch.cuda.memory_allocated(), forward_peak=torch.cuda.max_memory_allocated())
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -230,28 +243,36 @@ def run_mode(model, config, mode: str, batch: int, seq_len: int, warmup: int, st
              profile: bool = False, trace: Path | None = None) -> dict:  # fmt: skip
     """Time one mode at one batch size; the row of the table as a dict (or {'oom': True}); with ``profile``, one more
     step under torch.profiler, its time per kernel class in the row's 'profile'."""
+    from kbit.models.offload import reset_pinned_host_peak
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
     times = []
     loss = None
+    first: dict = {}  # the first timed step's marks (train_step)
     try:
         for i in range(warmup + steps):
             if i == warmup and device == "cuda":
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+                reset_pinned_host_peak()
                 if hasattr(torch.cuda, "reset_peak_host_memory_stats"):
                     torch.cuda.reset_peak_host_memory_stats()
             ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
             sync(device)
             t = time.perf_counter()
-            loss = train_step(model, opt, mode, ids)
+            marks = {} if i == warmup and device == "cuda" else None  # the first timed step, right after the reset
+            loss = train_step(model, opt, mode, ids, marks)
             sync(device)
             times.append(time.perf_counter() - t)
+            if marks is not None:
+                first = marks
         step = statistics.median(times[warmup:])
         row = {"step_s": step, "tokens_per_s": batch * seq_len / step, "loss": float(loss)}
         if device == "cuda":
             row["peak_alloc_gib"] = torch.cuda.max_memory_allocated() / GIB
             row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+            row |= memory_breakdown(model, opt, row["peak_alloc_gib"], first)
         row |= host_row(device)
         if profile:
             ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
@@ -268,10 +289,50 @@ def run_mode(model, config, mode: str, batch: int, seq_len: int, warmup: int, st
     return row
 
 
+def memory_breakdown(model, opt, peak_gib: float, marks: dict) -> dict:
+    """Where a CUDA row's peak goes, in GiB: frozen weights (parameters without gradients and buffers), trainable
+    parameters, their gradients (full size, though part of them may not exist yet at the peak), optimizer state,
+    the rest of the peak (activations, the loss's chunk, dequantized weights, workspaces), and from the first timed
+    step what its forward left allocated and its peak up to the end of the forward (the loss included)."""
+    seen: set[int] = set()
+
+    def gib(tensors) -> float:
+        total = 0
+        for t in tensors:
+            storage = t.untyped_storage()
+            if t.device.type == "cuda" and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total / GIB
+
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    parts = {
+        "frozen_gib": gib([p for p in params if not p.requires_grad] + list(model.buffers())),
+        "trainable_gib": gib(trainable),
+        "grads_gib": sum(p.numel() * p.element_size() for p in trainable if p.is_cuda) / GIB,
+        "optimizer_gib": gib([v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]),
+    }
+    parts["rest_gib"] = peak_gib - sum(parts.values())
+    parts["after_forward_gib"] = marks.get("after_forward", 0) / GIB
+    parts["forward_peak_gib"] = marks.get("forward_peak", 0) / GIB
+    return parts
+
+
+def print_breakdown(row: dict) -> None:
+    """One line: where a CUDA row's peak allocated memory goes (:func:`memory_breakdown`)."""
+    print(f"  peak {row['peak_alloc_gib']:.2f} GiB = frozen weights {row['frozen_gib']:.2f} + trainable "
+          f"{row['trainable_gib']:.2f} + their grads {row['grads_gib']:.2f} + optimizer {row['optimizer_gib']:.2f} + "
+          f"rest {row['rest_gib']:.2f} (activations, loss chunk, dequantized weights, workspaces); the first timed "
+          f"step held {row['after_forward_gib']:.2f} after its forward and peaked at {row['forward_peak_gib']:.2f} "
+          "up to it (the loss included)", flush=True)  # fmt: skip
+
+
 # ---- one step's time by kernel class (--profile) ----
 
 KERNEL_CLASSES = ("4-bit dequant", "bf16 matmul", "LoRA small matmuls", "attention", "fused norm/rope/swiglu",
                   "LM head + cross-entropy", "copies/offload", "other")  # fmt: skip
+TOP_KERNELS = 25  # --profile also lists this many of the most expensive kernels by name
 LORA_RANK = 16  # the bench's adapters: a matmul with a dimension of this size is a LoRA one
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "aten::mv",
               "aten::addmv"}  # fmt: skip
@@ -300,7 +361,8 @@ def kernel_class(name: str, ops: list[str], shapes: list, vocab: int, rank: int 
         return "LM head + cross-entropy"
     if any(word in s for s in (low, *chain) for word in FUSED_WORDS):
         return "fused norm/rope/swiglu"
-    if any("dequantlinear" in s for s in chain):  # the PyTorch dequantize (CPU) inside the frozen linear
+    if any("dequantlinear" in s or "loralinearfunction" in s for s in chain):  # the PyTorch (CPU) dequantize
+        # inside the frozen linear, alone or fused with its LoRA branch
         return "4-bit dequant"
     if any(word in low for word in COPY_WORDS) or innermost in COPY_OPS:
         return "copies/offload"
@@ -331,6 +393,7 @@ def profile_step(step, device: str, vocab: int, trace: Path | None = None) -> di
     if trace is not None:
         prof.export_chrome_trace(str(trace))
     ms = dict.fromkeys(KERNEL_CLASSES, 0.0)
+    top: dict[tuple[str, str], float] = {}  # (class, kernel or op name) -> ms
     events = prof.events()
     for e in events:
         if e.device_type != DeviceType.CPU:
@@ -338,13 +401,23 @@ def profile_step(step, device: str, vocab: int, trace: Path | None = None) -> di
         chain = _op_chain(e)
         if device == "cuda":
             for k in e.kernels:  # the kernels this op launched itself (not its children's)
-                ms[kernel_class(k.name, chain, e.input_shapes, vocab)] += k.duration / 1e3
+                cls = kernel_class(k.name, chain, e.input_shapes, vocab)
+                ms[cls] += k.duration / 1e3
+                key = (cls, f"{k.name[:90]} <- {chain[0] if chain else '?'}")
+                top[key] = top.get(key, 0.0) + k.duration / 1e3
         else:
-            ms[kernel_class(e.name, chain, e.input_shapes, vocab)] += e.self_cpu_time_total / 1e3
+            cls = kernel_class(e.name, chain, e.input_shapes, vocab)
+            ms[cls] += e.self_cpu_time_total / 1e3
+            top[(cls, e.name)] = top.get((cls, e.name), 0.0) + e.self_cpu_time_total / 1e3
     if device == "cuda":  # kernels launched outside any recorded op (none expected) count as other
-        total = sum(e.time_range.elapsed_us() for e in events if e.device_type == DeviceType.CUDA) / 1e3
-        ms["other"] += max(0.0, total - sum(ms.values()))
-    return {"wall_ms": wall * 1e3, "ms": ms}
+        # Device events include user annotations (record_function ranges mirrored on the GPU): not kernels.
+        on_gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+        total = sum(e.time_range.elapsed_us() for e in on_gpu if not getattr(e, "is_user_annotation", False)) / 1e3
+        unattributed = max(0.0, total - sum(ms.values()))
+        ms["other"] += unattributed
+        top[("other", "kernels launched outside any recorded op")] = unattributed
+    ranked = sorted(top.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
+    return {"wall_ms": wall * 1e3, "ms": ms, "top": [(cls, name, round(v, 2)) for (cls, name), v in ranked]}
 
 
 def print_profile(stack: str, batch: int, seq_len: int, prof: dict, device: str) -> None:
@@ -357,6 +430,10 @@ def print_profile(stack: str, batch: int, seq_len: int, prof: dict, device: str)
     print("| kernel class | ms | % |\n|---|---|---|")
     for name in KERNEL_CLASSES:
         print(f"| {name} | {prof['ms'][name]:.1f} | {100 * prof['ms'][name] / max(total, 1e-9):.1f} |")
+    print(f"\ntop {len(prof['top'])} kernels (name <- the op that launched it):")
+    print("| class | kernel | ms |\n|---|---|---|")
+    for cls, name, v in prof["top"]:
+        print(f"| {cls} | {name} | {v:.1f} |")
 
 
 def run_peer(name: str, peer_dir: Path, batches: list[int], seq_len: int) -> list[dict]:
@@ -457,6 +534,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row["pct_with_recompute"] = 100 * row["tokens_per_s"] * recompute / (args.peak_tflops * 1e12)
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if "frozen_gib" in row:
+                print_breakdown(row)
             if "profile" in row:
                 print_profile(stack, b, args.seq_len, row["profile"], args.device)
             if args.device == "cuda" and hasattr(torch._C, "_host_emptyCache"):

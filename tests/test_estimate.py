@@ -134,19 +134,27 @@ def test_fast_layer_cost_counts_what_the_probe_measures():
 
 def test_longest_sequence_of_the_8b_shape():
     from kbit.estimate import long_context, longest_seq_len, pinned_bytes
+    from kbit.models.offload import PAGE_BYTES
 
     shape = model_shape(load_config("llama-3-8b"))
     gib = 2**30
     at = long_context(shape, 400_000, 80 * gib, 128 * gib)
-    # 400k tokens: layer inputs of 3.05 GiB, pinned as 4 GiB blocks; 3 stay on the GPU, 29 go to host memory
-    assert pinned_bytes(400_000 * 4096 * 2) == 4 * gib and pinned_bytes(4 * gib) == 4 * gib
+    # 400k tokens: layer inputs of 3.05 GiB, pinned exactly (whole pages, not torch's power-of-two blocks of 4 GiB);
+    # 3 stay on the GPU, 29 go to host memory
+    assert pinned_bytes(400_000 * 4096 * 2) == 400_000 * 4096 * 2  # 800,000 pages of 4 KiB (50,000 of 64 KiB)
+    page = PAGE_BYTES
+    assert pinned_bytes(1) == pinned_bytes(page) == page and pinned_bytes(page + 1) == 2 * page
     assert at.modes == ("offload",) * 29 + ("full",) * 3 and at.mlp_rows == 16384
-    assert at.fits and at.host == 29 * 4 * gib + 4 * gib and 73 * gib < at.gpu < 75 * gib
+    assert at.fits and at.host == 29 * 400_000 * 4096 * 2 + 4 * gib and 73 * gib < at.gpu < 75 * gib
     best = longest_seq_len(shape, 80 * gib, 128 * gib)
     assert best.fits and not long_context(shape, best.seq_len + 1, 80 * gib, 128 * gib).fits
-    assert best.seq_len == 459_299 and best.host == 128 * gib  # host-bound: 31 inputs of 4 GiB + the process
     gpu_only = longest_seq_len(shape, 80 * gib)
-    assert gpu_only.seq_len == 484_725 and not long_context(shape, gpu_only.seq_len + 1, 80 * gib).fits_gpu
+    assert best.seq_len == gpu_only.seq_len == 484_725  # GPU-bound: 32 inputs of 3.70 GiB + the process fit 128
+    assert best.modes == ("offload",) * 32 and 122 * gib < best.host < 123 * gib
+    assert not long_context(shape, gpu_only.seq_len + 1, 80 * gib).fits_gpu
+    small_host = longest_seq_len(shape, 80 * gib, 100 * gib)  # host-bound: 30 inputs + the process in 100 GiB
+    assert small_host.seq_len == 419_430 and small_host.modes.count("offload") == 30
+    assert small_host.host <= 100 * gib < long_context(shape, small_host.seq_len + 1, 80 * gib, 100 * gib).host
     assert longest_seq_len(shape, 5 * gib) is None  # the weights alone take more
 
 
@@ -173,10 +181,12 @@ def test_cli_longest(capsys):
     out = capsys.readouterr().out
     assert (
         "longest sequence at batch 1 that kbit train fits in 80 GiB of GPU memory and 128 GiB of host memory (fast "
-        "path, memory_plan speed):\n  459,299 tokens: 1 recomputed, 31 recomputed from CPU-offloaded inputs; MLP in "
-        "pieces of 16384 tokens; GPU 76.3 GiB, host 128.0 GiB (bound by host memory (pinned layer inputs); GPU "
-        "memory alone: 484,725 tokens)\n  at 400,000 tokens: 3 recomputed, 29 recomputed from CPU-offloaded inputs; "
-        "MLP in pieces of 16384 tokens; GPU 73.8 GiB, host 120.0 GiB: fits"
+        "path, memory_plan speed):\n  484,725 tokens: 32 recomputed from CPU-offloaded inputs; MLP in pieces of "
+        "16384 tokens; GPU 76.3 GiB, host 122.3 GiB (bound by GPU memory)\n  at 400,000 tokens: 3 recomputed, 29 "
+        "recomputed from CPU-offloaded inputs; MLP in pieces of 16384 tokens; GPU 73.8 GiB, host 92.5 GiB: fits"
     ) in out
+    args[args.index("128")] = "100"
+    assert main(args) == 0
+    assert "(bound by host memory (pinned layer inputs); GPU memory alone: 484,725 tokens)" in capsys.readouterr().out
     assert main(["estimate", "--model", "llama-3-8b", "--longest", "--gpu-memory", "4"]) == 0
     assert "  none: not even one token" in capsys.readouterr().out

@@ -30,7 +30,7 @@ after RoPE, the attention output, the residual sum; ``q``/``k``/``v`` projection
 them), k after RoPE and v, the rank-r LoRA inputs of the attention projections, the attention's float32 logsumexp
 per head and two float32 norm statistics; the MLP's gate, up and product with their LoRA inputs only while it runs
 whole (tests/test_estimate.py holds this count to the probe's). Offloaded layer inputs take pinned host memory,
-each rounded up to a power of two (torch's caching host allocator does), plus an allowance for the process.
+each exactly its bytes to the page (:class:`kbit.models.offload.HostBuffer`), plus an allowance for the process.
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ class LongContext:
     seq_len: int
     modes: tuple[str, ...]  # per decoder layer: "none" kept, "full" recomputed, "offload" recomputed from host
     gpu: float  # peak on the GPU: weights, adapters, optimizer, loss, activations, overhead
-    host: float  # pinned layer inputs (each rounded up to a power of two) + HOST_OVERHEAD_BYTES
+    host: float  # pinned layer inputs (each its bytes, to the page) + HOST_OVERHEAD_BYTES
     fits_gpu: bool
     fits_host: bool
     mlp_rows: int | None  # tokens per MLP piece (None: the MLP runs whole)
@@ -284,8 +284,11 @@ def fast_layer_cost(shape: ModelShape, tokens: int, lora_r: int = 16, itemsize: 
 
 
 def pinned_bytes(nbytes: int) -> int:
-    """Host bytes torch pins for a tensor of ``nbytes``: its caching host allocator rounds up to a power of two."""
-    return 1 << (nbytes - 1).bit_length() if nbytes > 1 else nbytes
+    """Host bytes kbit page-locks for an offloaded tensor of ``nbytes``: its bytes rounded up to whole pages (not to
+    a power of two, as torch's caching host allocator would: :mod:`kbit.models.offload`)."""
+    from .models.offload import registered_bytes
+
+    return registered_bytes(nbytes)
 
 
 def long_context(

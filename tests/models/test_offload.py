@@ -11,7 +11,16 @@ from kbit_testing import FAMILY_CONFIGS, TINY
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from kbit.lora import add_lora
-from kbit.models.offload import HostEmbedding, Offloader, SavedInput, offload_input_embeddings
+from kbit.models.offload import (
+    PAGE_BYTES,
+    HostEmbedding,
+    HostPool,
+    Offloader,
+    SavedInput,
+    offload_input_embeddings,
+    pinned_host_bytes,
+    registered_bytes,
+)
 
 
 def test_offload_holds_inputs_in_host_copies_and_prefetches_one_layer_ahead():
@@ -59,6 +68,57 @@ def test_offload_holds_inputs_in_host_copies_and_prefetches_one_layer_ahead():
     h.sum().backward()
     for got, want in zip(grads, [w.grad for w in weights] + [x.grad], strict=True):
         torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def chain_step(offloader: Offloader, weights: list[torch.Tensor], x: torch.Tensor) -> list[SavedInput]:
+    """Forward through one checkpointed, offloaded 'layer' per weight; the saved inputs (forward order), then the
+    backward (the saved inputs are freed by it: their buffers go back to the offloader's pool)."""
+    h = x
+    for w in weights:
+        h = offloader.checkpoint(lambda t, w=w: torch.tanh(t @ w), h)
+    chain, link = [], offloader._last
+    while link is not None and link() is not None:
+        chain.append(link())
+        link = chain[-1].previous
+    saved = list(reversed(chain))
+    facts = [(s.host.data_ptr(), s.buffer.nbytes) for s in saved]
+    del chain, saved
+    h.sum().backward()
+    return facts
+
+
+def test_host_buffers_are_exact_and_reused_from_step_to_step():
+    """Each offloaded input gets a host buffer of exactly its bytes; after the backward the buffers wait in the
+    offloader's pool and the next step's inputs reuse them (no new memory); a longer batch releases them and takes
+    exact ones of its size; a shorter one reuses the larger ones."""
+    torch.manual_seed(0)
+    weights = [torch.randn(8, 8, requires_grad=True) for _ in range(3)]
+    offloader = Offloader()
+    first = chain_step(offloader, weights, torch.randn(5, 8, requires_grad=True))
+    assert [n for _, n in first] == [5 * 8 * 4] * 3  # float32 [5, 8]: exact, not a power of two (256)
+    assert offloader.pool.free_bytes == 3 * 160  # all back in the pool after the backward
+    again = chain_step(offloader, weights, torch.randn(5, 8, requires_grad=True))
+    assert sorted(again) == sorted(first)  # the same three buffers
+    longer = chain_step(offloader, weights, torch.randn(9, 8, requires_grad=True))
+    assert [n for _, n in longer] == [9 * 8 * 4] * 3 and offloader.pool.free_bytes == 3 * 288  # the 160s released
+    shorter = chain_step(offloader, weights, torch.randn(2, 8, requires_grad=True))
+    assert sorted(shorter) == sorted(longer) and offloader.pool.free_bytes == 3 * 288
+    offloader.pool.clear()
+    assert offloader.pool.free_bytes == 0
+
+
+def test_host_pool_takes_the_smallest_buffer_that_fits():
+    pool = HostPool()
+    small, large = pool.take(100, pin=False), pool.take(300, pin=False)
+    assert (small.nbytes, large.nbytes, small.data.numel()) == (100, 300, 100)
+    pool.give_back(large)
+    pool.give_back(small)
+    assert pool.take(90, pin=False) is small and pool.take(90, pin=False) is large
+    pool.give_back(small)
+    bigger = pool.take(400, pin=False)  # nothing free holds 400: the free 100 is released, a 400 made
+    assert bigger.nbytes == 400 and pool.free_bytes == 0
+    page = PAGE_BYTES
+    assert registered_bytes(1) == registered_bytes(page) == page and registered_bytes(page + 1) == 2 * page
 
 
 def tiny(model_type: str = "llama", device: str = "cpu", **overrides) -> torch.nn.Module:
@@ -115,3 +175,53 @@ def test_host_embedding_frees_its_table_on_the_gpu():
     loss = m(input_ids=ids, labels=ids, use_cache=False).loss
     assert loss.device.type == "cuda"
     torch.testing.assert_close(loss.detach(), loss0, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+def test_offloaded_inputs_are_page_locked_exactly_and_reused_on_gpu():
+    """On CUDA each offloaded layer input lands in page-locked host memory (is_pinned) of its exact size, registered
+    by kbit (torch's pinned pool stays untouched); the gradients equal no offload; the next step reuses the buffers
+    (nothing more is locked) and freeing the offloader unlocks them."""
+    import gc
+
+    torch.manual_seed(0)
+    weights = [torch.randn(256, 256, device="cuda", requires_grad=True) for _ in range(3)]
+    x = torch.randn(1000, 256, device="cuda", requires_grad=True)  # 1,024,000 bytes: not a power of two
+    h = x
+    for w in weights:
+        h = torch.tanh(h @ w)
+    h.sum().backward()
+    want = [t.grad.clone() for t in (*weights, x)]
+    for t in (*weights, x):
+        t.grad = None
+    gc.collect()
+    torch.cuda.synchronize()
+    locked0 = pinned_host_bytes()[0]
+    torch_pinned0 = torch.cuda.host_memory_stats().get("allocated_bytes.current", 0)
+    offloader = Offloader()
+    h = x
+    for w in weights:
+        h = offloader.checkpoint(lambda t, w=w: torch.tanh(t @ w), h)
+    saved, link = [], offloader._last
+    while link is not None and link() is not None:
+        saved.append(link())
+        link = saved[-1].previous
+    assert len(saved) == 3
+    for s in saved:
+        assert s.host.is_pinned() and s.host.device.type == "cpu"
+        assert s.buffer.nbytes == 1000 * 256 * 4 and s.host.nbytes == s.buffer.nbytes
+    step = 3 * registered_bytes(1000 * 256 * 4)
+    assert pinned_host_bytes()[0] - locked0 == step == 3 * 1_024_000  # 250 pages each, exactly
+    assert torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) == torch_pinned0
+    ptrs = sorted(s.host.data_ptr() for s in saved)
+    del saved, link, s  # the backward frees the saved inputs, returning their buffers to the pool
+    h.sum().backward()
+    torch.cuda.synchronize()
+    for got, w in zip((*weights, x), want, strict=True):  # the same kernels on the same (copied back) inputs
+        torch.testing.assert_close(got.grad, w, atol=1e-6, rtol=1e-6)
+    assert offloader.pool.free_bytes == 3 * 1_024_000
+    assert sorted(chain_step(offloader, weights, x)) == [(p, 1_024_000) for p in ptrs]  # the same buffers again
+    assert pinned_host_bytes()[0] - locked0 == step
+    del offloader, h
+    gc.collect()
+    assert pinned_host_bytes()[0] == locked0  # unlocked and freed with the offloader

@@ -1,6 +1,7 @@
 """LoRA / rsLoRA / DoRA adapters on any linear-like layer (plain or kbit-quantized), PEFT-compatible."""
 
 from .adapters import active_adapter, adapter_active, adapter_tensors, list_adapters, set_adapter
+from .fused import enable_fused_lora
 from .inject import (
     LoraSettings,
     add_lora,
@@ -23,6 +24,7 @@ __all__ = [
     "adapter_tensors",
     "add_lora",
     "apply_lora",
+    "enable_fused_lora",
     "find_targets",
     "is_linear_like",
     "is_quantized_linear",

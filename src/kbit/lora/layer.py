@@ -15,9 +15,12 @@ under ``<path>.base_layer.``, and the adapter's keys are PEFT's minus the adapte
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
+
+from .fused import fusable, lora_linear
 
 INITS = ("kaiming", "gaussian")
 
@@ -63,7 +66,8 @@ class LoRALinear(nn.Module):
     DoRA:  y = b + m / ||W + s·B A||_row · (W x + s · B A x),  m [out] initialised to ||W + s·B A||_row.
            The row norm is detached (DoRA paper §4.3, as PEFT does), so it gets no gradient.
     The adapter math runs in the adapter dtype (x is cast to it); the sum is in the base output's dtype.
-    With ``enabled`` False the layer computes base(x) alone.
+    With ``enabled`` False the layer computes base(x) alone. With ``fused`` True (:func:`kbit.lora.enable_fused_lora`)
+    plain LoRA runs as one autograd node with the base where the dtypes allow (:mod:`kbit.lora.fused`).
     """
 
     def __init__(
@@ -90,6 +94,8 @@ class LoRALinear(nn.Module):
         self.scale = lora_scale(r, alpha, use_rslora)
         # Off: the layer is its base alone (kbit.lora.set_adapter(model, "base")); the adapter's tensors stay.
         self.enabled = True
+        # On: base and adapter run as one node (kbit.lora.fused) whenever kbit.lora.fused.fusable holds.
+        self.fused = False
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
         device = module_device(base_layer)
@@ -131,6 +137,9 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return self.base_layer(x)
+        if self.fused and fusable(self, x):
+            weight = partial(base_weight, self.base_layer)  # called in forward and backward, never stored dense
+            return lora_linear(x, weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scale)
         result = self.base_layer(x)
         x = x.to(self.lora_A.weight.dtype)
         if self.lora_magnitude_vector is None:
@@ -169,5 +178,5 @@ class LoRALinear(nn.Module):
         return weight
 
     def extra_repr(self) -> str:
-        on = "" if self.enabled else ", enabled=False"
+        on = ("" if self.enabled else ", enabled=False") + (", fused=True" if self.fused else "")
         return f"r={self.r}, alpha={self.alpha}, scale={self.scale:g}, dora={self.use_dora}{on}"

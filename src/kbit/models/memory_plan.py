@@ -24,6 +24,12 @@ recomputation, plus one layer's ``keep`` of backward temporaries and ``workspace
 when offloading.
 "speed" keeps as many layers as fit and recomputes the rest; when even that does not fit it offloads the first
 layers' inputs, as few as needed. "memory" offloads every layer. The other modes apply one mode to every layer.
+
+A plan also sets how the recomputed layers ("full", "offload") run their patched MLP: in pieces of at most 256 MiB
+per [piece, intermediate] activation and at least two (:func:`kbit.models.patch.recompute_chunk_rows`), which in
+a recomputed layer costs no extra forward (the patch module says why) and leaves one piece's intermediates alive
+instead of the whole input's. The chooser still counts the automatic pieces (:func:`measure_layer_cost`), which
+hold at least as much: the plan errs on the safe side. :func:`apply_plan` applies both parts.
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .checkpointing import MODES, decoder_layers
-from .patch import mlp_chunk_rows, mlp_chunking, patched_mlps
+from .checkpointing import MODES, decoder_layers, set_checkpointing
+from .patch import mlp_chunk_rows, mlp_chunking, patched_mlps, recompute_chunk_rows, set_planned_mlp_rows
 
 log = logging.getLogger("kbit")
 GIB = 2**30
@@ -46,6 +52,7 @@ MARGIN_FRACTION = 0.05  # of the free memory: allocator fragmentation and what t
 MARGIN_BYTES = GIB // 2  # at least this much (CUDA/cuBLAS workspaces created by the first step)
 PROBE_TOKENS = 16384  # the largest probe; longer batches are extrapolated from two probes
 LOGIT_BYTES = 10  # per logit without the fused loss: bf16 logits, their float32 copy and its gradient (as estimate)
+RECOMPUTED = ("full", "offload")  # modes whose layer forward the backward replays (selective replays only cheap ops)
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class MemoryPlan:
 
     modes: tuple[str, ...]
     line: str
+    mlp_rows: int | None = None  # tokens per patched-MLP piece in the recomputed layers (None: the automatic rule)
 
 
 def needed_bytes(modes: tuple[str, ...] | list[str], cost: LayerCost) -> int:
@@ -104,9 +112,10 @@ def measure_layer_cost(
     ``max_tokens`` tokens, else extrapolated from sequences of ``max_tokens`` and half as many tokens; with the
     patched MLP's pieces (and their backward ``workspace``) when it runs in pieces at that size."""
     tokens = batch * seq_len
-    rows = _mlp_rows(model, tokens, autocast)
+    rows = _mlp_rows(model, tokens, autocast)  # forced or automatic: a kept layer's, not a plan's recomputed ones
     if rows is None:
-        return _layer_cost(model, batch, seq_len, autocast, max_tokens)
+        with mlp_chunking(model, 0):  # whole, whatever pieces an applied plan gave this layer
+            return _layer_cost(model, batch, seq_len, autocast, max_tokens)
     # The probes are shorter than the batch: they split the MLP too (into a few pieces, whatever the real size).
     with mlp_chunking(model, max(1, min(tokens, max_tokens) // 4)):
         cost = _layer_cost(model, batch, seq_len, autocast, max_tokens)
@@ -120,7 +129,17 @@ def measure_layer_cost(
 
 
 def _mlp_rows(model: nn.Module, tokens: int, autocast) -> int | None:
-    """Tokens per piece of the first decoder layer's patched MLP at ``tokens`` tokens (None: unpatched or whole)."""
+    """Tokens per piece of the first decoder layer's patched MLP at ``tokens`` tokens, as forced or by the automatic
+    rule, ignoring a plan's pieces (None: unpatched or whole)."""
+    mlp_dtype = _mlp_dtype(model, autocast)
+    if mlp_dtype is None:
+        return None
+    mlp, dtype = mlp_dtype
+    return mlp_chunk_rows(mlp, tokens, dtype, planned=False)
+
+
+def _mlp_dtype(model: nn.Module, autocast) -> tuple[nn.Module, torch.dtype] | None:
+    """(the first decoder layer's patched MLP, the dtype its activations are in), None without one."""
     layer = decoder_layers(model)[0]
     mlps = patched_mlps(layer)
     if not mlps:
@@ -131,7 +150,17 @@ def _mlp_rows(model: nn.Module, tokens: int, autocast) -> int | None:
     with (autocast or contextlib.nullcontext)():
         if torch.is_autocast_enabled(device.type):
             dtype = torch.get_autocast_dtype(device.type)
-    return mlp_chunk_rows(mlps[0], tokens, dtype)
+    return mlps[0], dtype
+
+
+def recompute_rows(model: nn.Module, tokens: int, autocast=None) -> int | None:
+    """Tokens per patched-MLP piece a plan gives its recomputed layers at ``tokens`` tokens (None: whole, or no
+    patched MLP): :func:`kbit.models.patch.recompute_chunk_rows` for the model's intermediate size and dtype."""
+    mlp_dtype = _mlp_dtype(model, autocast)
+    if mlp_dtype is None:
+        return None
+    mlp, dtype = mlp_dtype
+    return recompute_chunk_rows(tokens, mlp.down_proj.in_features, dtype.itemsize)
 
 
 def _layer_cost(model: nn.Module, batch: int, seq_len: int, autocast, max_tokens: int) -> LayerCost:
@@ -237,7 +266,8 @@ def plan_memory(
     ``speed`` chooses from ``free_bytes`` (default: the CUDA device's free memory; on a CPU without it, every
     layer keeps its activations) less ``reserve_bytes`` (the step's other allocations, :func:`step_bytes`) and
     a safety margin. ``memory`` offloads every layer; a mode of :data:`checkpointing.MODES` applies to all (the
-    line says ``why``).
+    line says ``why``). With recomputed layers and a patched MLP, ``mlp_rows`` is their MLP's piece size (the line
+    leaves it out: :func:`apply_plan`, which sets it on ``model``, says it). Nothing is changed on ``model`` here.
     """
     if mode not in PLAN_MODES:
         raise ValueError(f"memory plan must be one of {', '.join(PLAN_MODES)}, got {mode!r}")
@@ -259,8 +289,25 @@ def plan_memory(
             plan = MemoryPlan(("none",) * n, f"memory plan: all {n} layers kept ({device.type}: no GPU memory to plan)")
         else:
             plan = _speed_plan(model, n, batch, seq_len, free_bytes, reserve_bytes, autocast, device)
+    if any(m in RECOMPUTED for m in plan.modes):
+        plan = MemoryPlan(plan.modes, plan.line, recompute_rows(model, batch * seq_len, autocast))
     log.info(plan.line)
     return plan
+
+
+def apply_plan(model: nn.Module, plan: MemoryPlan) -> str:
+    """Apply ``plan`` to ``model``: each decoder layer's checkpointing mode, and the MLP pieces of the recomputed
+    layers (the others get the automatic rule back); returns a line saying both."""
+    line = set_checkpointing(model, plan.modes)
+    pieced = 0
+    for layer, mode in zip(decoder_layers(model), plan.modes, strict=True):
+        rows = plan.mlp_rows if mode in RECOMPUTED else None
+        mlps = set_planned_mlp_rows(layer, rows)
+        if rows is not None:
+            pieced += mlps
+    if pieced:
+        line += f"; the MLP of {pieced} recomputed layer{'s' * (pieced > 1)} in pieces of {plan.mlp_rows} tokens"
+    return line
 
 
 def _speed_plan(model, n, batch, seq_len, free_bytes, reserve_bytes, autocast, device) -> MemoryPlan:

@@ -14,14 +14,22 @@ on and brings it back one layer ahead in the backward, so the copies overlap wit
   before it, layer i-1's, on the side stream; the compute stream waits on that copy's event only when layer i-1
   needs it. The first input needed (the last layer's) is copied back when asked for.
 
-On a CPU the same code runs with a separate host copy in place of the pinned one and no streams, so the CPU
-tests exercise the packing, the prefetch chain and the gradients.
+Host memory: each input gets a :class:`HostBuffer` of exactly its bytes (to the page), page-locked with
+``cudaHostRegister``. torch's own pinned allocator (``pin_memory``) rounds every block up to a power of two: a 3.05
+GiB layer input (8B shape, 400k tokens) takes a 4 GiB block, and 27 of them no longer fit a 128 GiB host.
+Registering costs about as much as writing the memory once, so each :class:`Offloader` keeps its buffers in a
+:class:`HostPool` and reuses them from step to step; a buffer goes back to the pool when its saved input is freed
+(after the layer's backward), with an event that later copies into it wait for.
+
+On a CPU the same code runs with unregistered host buffers and no streams, so the CPU tests exercise the packing,
+the pool, the prefetch chain and the gradients.
 
 :class:`HostEmbedding` keeps a frozen input embedding table in host memory and sends only the looked-up rows over.
 """
 
 from __future__ import annotations
 
+import mmap
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -30,21 +38,122 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+PAGE_BYTES = mmap.PAGESIZE
+_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every device's context, not only the current one
+_pinned = {"current": 0, "peak": 0}  # bytes registered by HostBuffers in this process (torch's pool not included)
+
+
+def registered_bytes(nbytes: int) -> int:
+    """Host bytes a :class:`HostBuffer` of ``nbytes`` page-locks: ``nbytes`` rounded up to whole pages."""
+    return -(-nbytes // PAGE_BYTES) * PAGE_BYTES
+
+
+def pinned_host_bytes() -> tuple[int, int]:
+    """(bytes page-locked by kbit's host buffers now, the most since :func:`reset_pinned_host_peak`)."""
+    return _pinned["current"], _pinned["peak"]
+
+
+def reset_pinned_host_peak() -> None:
+    """Start counting the peak of :func:`pinned_host_bytes` from what is page-locked now."""
+    _pinned["peak"] = _pinned["current"]
+
+
+class HostBuffer:
+    """``nbytes`` of host memory (``data``, uint8) for one offloaded tensor; with ``pin``, page-locked for CUDA
+    over exactly its own pages (``cudaHostRegister``) until the buffer is freed, so copies to and from it run
+    asynchronously. ``ready``: an event after the last copy queued on it (None: no copy pending)."""
+
+    __slots__ = ("data", "nbytes", "pinned", "ready", "_map", "_ptr")
+
+    def __init__(self, nbytes: int, pin: bool):
+        self.nbytes, self.pinned = nbytes, pin
+        self.ready: torch.cuda.Event | None = None
+        self._ptr: int | None = None
+        if not pin:
+            self.data = torch.empty(nbytes, dtype=torch.uint8)
+            return
+        # An anonymous mapping of its own: page-aligned whole pages that no other buffer shares (two buffers on one
+        # page could not both register it), and a tensor whose storage starts where the registration does.
+        size = registered_bytes(nbytes)
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+        pages = torch.frombuffer(self._map, dtype=torch.uint8)
+        pages.fill_(0)  # faults the pages in on every core; registering then only locks them
+        err = torch.cuda.cudart().cudaHostRegister(pages.data_ptr(), size, _REGISTER_PORTABLE)
+        if int(err) != 0:
+            raise RuntimeError(
+                f"offload: page-locking {size / 2**30:.2f} GiB of host memory for a layer input failed "
+                f"({torch.cuda.CudaError(int(err))}); free host memory, or offload fewer layers (memory_plan full)"
+            )
+        self._ptr = pages.data_ptr()
+        self.data = pages[:nbytes]
+        _pinned["current"] += size
+        _pinned["peak"] = max(_pinned["peak"], _pinned["current"])
+
+    def __del__(self) -> None:
+        if getattr(self, "_ptr", None) is None:  # not pinned, or registration failed
+            return
+        if self.ready is not None:
+            self.ready.synchronize()  # a copy still reading or writing it: unlock only after it
+        torch.cuda.cudart().cudaHostUnregister(self._ptr)
+        _pinned["current"] -= registered_bytes(self.nbytes)
+
+
+class HostPool:
+    """Free :class:`HostBuffer` s kept for reuse: a request takes the smallest free buffer that holds it. When none
+    does, the inputs have grown (a longer batch): the free buffers of that kind could serve none of them, so they
+    are released before a new one is made. Held memory is thus at most the most inputs ever alive at once, each of
+    the largest size seen since the sizes last grew."""
+
+    def __init__(self) -> None:
+        self._free: list[HostBuffer] = []
+
+    def take(self, nbytes: int, pin: bool) -> HostBuffer:
+        """A buffer of at least ``nbytes`` (exactly ``nbytes`` when a new one is made)."""
+        fits = [b for b in self._free if b.pinned == pin and b.nbytes >= nbytes]
+        if fits:
+            best = min(fits, key=lambda b: b.nbytes)
+            self._free.remove(best)
+            return best
+        self._free = [b for b in self._free if b.pinned != pin]  # too small for this step's inputs: release
+        return HostBuffer(nbytes, pin)
+
+    def give_back(self, buffer: HostBuffer) -> None:
+        """Keep ``buffer`` for a later :meth:`take` (its ``ready`` event marks its last queued copy)."""
+        self._free.append(buffer)
+
+    def clear(self) -> None:
+        """Release every free buffer (buffers in use come back, and are kept, when their inputs are freed)."""
+        self._free.clear()
+
+    @property
+    def free_bytes(self) -> int:
+        """Bytes of the free buffers."""
+        return sum(b.nbytes for b in self._free)
+
 
 class SavedInput:
     """One layer input held in host memory, copied back to its device ahead of time or when unpacked."""
 
-    __slots__ = ("host", "device", "stream", "previous", "fetched", "__weakref__")
+    __slots__ = ("host", "buffer", "pool", "device", "stream", "previous", "fetched", "__weakref__")
 
-    def __init__(self, tensor: torch.Tensor, stream: torch.cuda.Stream | None, previous: weakref.ref | None):
-        self.device, self.stream, self.previous = tensor.device, stream, previous
+    def __init__(
+        self, tensor: torch.Tensor, stream: torch.cuda.Stream | None, previous: weakref.ref | None, pool: HostPool
+    ):
+        self.device, self.stream, self.previous, self.pool = tensor.device, stream, previous, pool
         self.fetched: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        nbytes = tensor.numel() * tensor.element_size()
+        self.buffer = pool.take(nbytes, pin=stream is not None) if nbytes else None
+        if self.buffer is None:
+            self.host = torch.empty(tensor.shape, dtype=tensor.dtype)
+        else:
+            self.host = self.buffer.data[:nbytes].view(tensor.dtype).view(tensor.shape)
         with torch.no_grad():  # pack hooks run under grad mode; the copy is not part of the graph
             if stream is None:
-                self.host = tensor.detach().clone()
+                self.host.copy_(tensor)
                 return
-            self.host = torch.empty_like(tensor, device="cpu", pin_memory=True)
             stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the input has been written by then
+            if self.buffer is not None and self.buffer.ready is not None:
+                stream.wait_event(self.buffer.ready)  # the buffer's copies for an earlier step are done by then
             with torch.cuda.stream(stream):
                 self.host.copy_(tensor, non_blocking=True)
             tensor.record_stream(stream)  # its memory is reused only after the copy has read it
@@ -56,7 +165,7 @@ class SavedInput:
         if self.stream is None:
             self.fetched = (self.host.clone(), None)
             return
-        out = torch.empty_like(self.host, device=self.device)  # allocated for the compute stream, which uses it
+        out = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)  # for the compute stream
         # The block may still be read by queued compute-stream kernels that freed it: the copy waits for them.
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
@@ -78,18 +187,29 @@ class SavedInput:
             previous.fetch()  # overlaps with this layer's recomputation and backward
         return out
 
+    def __del__(self) -> None:
+        buffer = getattr(self, "buffer", None)
+        if buffer is None:
+            return
+        if self.stream is not None:  # every copy of this buffer was queued on self.stream: after them
+            buffer.ready = torch.cuda.Event()
+            buffer.ready.record(self.stream)
+        self.pool.give_back(buffer)
+
 
 def _unpack(saved: Any) -> Any:
     return saved.unpack() if isinstance(saved, SavedInput) else saved
 
 
 class Offloader:
-    """The checkpoint function of offloaded layers: one per model, holding its side streams and the chain of
-    inputs packed in the current forward (each links to the one before it, weakly: a freed graph frees them)."""
+    """The checkpoint function of offloaded layers: one per model, holding its side streams, its pool of host
+    buffers and the chain of inputs packed in the current forward (each links to the one before it, weakly: a
+    freed graph frees them)."""
 
     def __init__(self) -> None:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._last: weakref.ref | None = None
+        self.pool = HostPool()
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream | None:
         if device.type != "cuda":
@@ -107,7 +227,7 @@ class Offloader:
         def pack(t: torch.Tensor) -> Any:
             if not target or t is not target[0]:
                 return t  # other saved inputs (none from transformers' layers, whose kwargs are bound) stay put
-            saved = SavedInput(t, self._stream(t.device), self._last)
+            saved = SavedInput(t, self._stream(t.device), self._last, self.pool)
             self._last = weakref.ref(saved)
             return saved
 

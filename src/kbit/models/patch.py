@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import apply_rotary, linear_cross_entropy, rms_norm, swiglu
+from ..lora.fused import enable_fused_lora
+from ..lora.layer import LoRALinear
 
 log = logging.getLogger("kbit")
 PATCHED_ATTR = "_kbit_fast_path"  # the summary line, set on the model once patched
@@ -82,6 +84,12 @@ def apply_fast_path(model: nn.Module) -> str:
         done.append("chunked LM-head cross-entropy")
     else:
         kept.append("loss (the forward's signature is not the one this patch knows)")
+    adapters = sum(isinstance(m, LoRALinear) for m in hf.modules())
+    fused = enable_fused_lora(hf)
+    if fused:
+        done.append(f"LoRA with its base projection x{fused}")
+    if adapters > fused:  # they run as separate modules, as on the reference path
+        kept.append(f"{adapters - fused} LoRA layers unfused (dropout, DoRA, or adapters not in the compute dtype)")
     line = f"fast path for {model_type}: fused {', '.join(done)}"
     if kept:
         line += f"; kept transformers' {', '.join(kept)}"
@@ -126,10 +134,22 @@ def _patch_norms(model: nn.Module, family: Family) -> int:
 # autograd keeping the intermediates as usual. The switch is at one piece because there the two hold the same
 # (the whole MLP's intermediates and gradients at T tokens, one piece's at T tokens), so the memory a length needs
 # never drops as the length grows: for the 8B shape, pieces of 16,384 tokens above 16,384 (8 x 2048 runs whole).
+#
+# In a layer whose forward the backward replays anyway (checkpointing "full" or "offload") the pieces cost no
+# extra forward: the replay stops as soon as it has rebuilt what the layer saved (torch.utils.checkpoint's early
+# stop), and the chunked MLP saves its input before it computes anything (its node is made first and filled in
+# after), so the replay never runs the MLP; the MLP's backward then runs each piece's forward once, as the replay
+# would have. Only the 4-bit weights are dequantized once per piece instead of once per pass. The memory plan
+# therefore gives recomputed layers smaller pieces (:func:`recompute_chunk_rows`: at most 256 MiB per [piece,
+# intermediate] activation and at least two pieces, so 2 x 1024 at 1 x 2048 tokens and 2 x 8192 at 8 x 2048 for
+# the 8B shape), set per layer by :func:`set_planned_mlp_rows`.
 
 MLP_CHUNK_BYTES = 512 * 2**20  # one [piece, intermediate] activation: sets the tokens per piece
 MLP_WHOLE_CHUNKS = 1  # inputs of at most this many pieces' worth of tokens run whole
+MLP_MIN_ROWS = 1024  # no piece is shorter (below, the 4-bit dequantization per piece outweighs the matmuls)
+RECOMPUTE_CHUNK_BYTES = 256 * 2**20  # the same, in layers that are recomputed
 MLP_CHUNK_ATTR = "_kbit_mlp_chunk_rows"  # on each patched MLP: None automatic, 0 never, n: pieces of n above n
+MLP_PLAN_ATTR = "_kbit_mlp_plan_rows"  # the memory plan's pieces for its layer (None: none), below MLP_CHUNK_ATTR
 
 
 def _swiglu_mlp(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -149,11 +169,15 @@ def _mlp_forward(self: nn.Module, x: torch.Tensor, body) -> torch.Tensor:
     return chunked_apply(functools.partial(body, self), x, rows, list(self.parameters()))
 
 
-def mlp_chunk_rows(mlp: nn.Module, tokens: int, dtype: torch.dtype) -> int | None:
+def mlp_chunk_rows(mlp: nn.Module, tokens: int, dtype: torch.dtype, planned: bool = True) -> int | None:
     """Tokens per piece a patched MLP runs an input of ``tokens`` tokens in (activations in ``dtype``), or None when
-    it runs whole: pieces of ``MLP_CHUNK_BYTES`` per [chunk, intermediate] activation (a power of two, at least 1024
-    tokens) once the input exceeds ``MLP_WHOLE_CHUNKS`` of them, unless :func:`mlp_chunking` says otherwise."""
+    it runs whole: as :func:`mlp_chunking` forces, else (with ``planned``) as the memory plan set for its layer
+    (:func:`set_planned_mlp_rows`; pieces of n above n), else pieces of ``MLP_CHUNK_BYTES`` per [chunk,
+    intermediate] activation (a power of two, at least 1024 tokens) once the input exceeds ``MLP_WHOLE_CHUNKS`` of
+    them."""
     forced = getattr(mlp, MLP_CHUNK_ATTR, None)
+    if forced is None and planned:
+        forced = getattr(mlp, MLP_PLAN_ATTR, None)
     if forced is not None:
         return forced if 0 < forced < tokens else None
     return auto_chunk_rows(tokens, mlp.down_proj.in_features, dtype.itemsize)  # in_features: the intermediate size
@@ -165,10 +189,18 @@ def auto_chunk_rows(tokens: int, intermediate: int, itemsize: int) -> int | None
     return rows if tokens > MLP_WHOLE_CHUNKS * rows else None
 
 
-def mlp_piece_rows(intermediate: int, itemsize: int) -> int:
-    """Tokens per automatic MLP piece: ``MLP_CHUNK_BYTES`` per [piece, intermediate] activation, a power of two."""
-    rows = max(1024, MLP_CHUNK_BYTES // (intermediate * itemsize))
+def mlp_piece_rows(intermediate: int, itemsize: int, piece_bytes: int = MLP_CHUNK_BYTES) -> int:
+    """Tokens per MLP piece of ``piece_bytes`` per [piece, intermediate] activation: a power of two, >= 1024."""
+    rows = max(MLP_MIN_ROWS, piece_bytes // (intermediate * itemsize))
     return 1 << (rows.bit_length() - 1)
+
+
+def recompute_chunk_rows(tokens: int, intermediate: int, itemsize: int) -> int | None:
+    """Tokens per MLP piece in a recomputed layer at ``tokens`` tokens (None: whole): ``RECOMPUTE_CHUNK_BYTES`` per
+    [piece, intermediate] activation and at most half the tokens, a power of two, at least ``MLP_MIN_ROWS``."""
+    half = 1 << max(0, (tokens // 2).bit_length() - 1)  # the largest power of two <= tokens / 2
+    rows = max(MLP_MIN_ROWS, min(mlp_piece_rows(intermediate, itemsize, RECOMPUTE_CHUNK_BYTES), half))
+    return rows if tokens > rows else None
 
 
 def patched_mlps(model: nn.Module) -> list[nn.Module]:
@@ -176,10 +208,21 @@ def patched_mlps(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if hasattr(m, MLP_CHUNK_ATTR)]
 
 
+def set_planned_mlp_rows(module: nn.Module, rows: int | None) -> int:
+    """From now on ``module``'s patched MLPs (a decoder layer's, or a model's) run inputs longer than ``rows`` tokens
+    in pieces of ``rows`` (None: their automatic rule), unless :func:`mlp_chunking` forces otherwise; how many."""
+    if rows is not None and rows <= 0:
+        raise ValueError(f"set_planned_mlp_rows: rows must be a positive number of tokens or None, got {rows}")
+    mlps = patched_mlps(module)
+    for m in mlps:
+        setattr(m, MLP_PLAN_ATTR, rows)
+    return len(mlps)
+
+
 @contextlib.contextmanager
 def mlp_chunking(model: nn.Module, rows: int | None):
     """Within the block, ``model``'s patched MLPs split inputs longer than ``rows`` tokens into pieces of ``rows``
-    (0: never split; None: the automatic rule of :func:`mlp_chunk_rows`)."""
+    (0: never split; None: the rule of :func:`mlp_chunk_rows`, the memory plan's pieces included)."""
     if rows is not None and rows < 0:
         raise ValueError(f"mlp_chunking: rows must be >= 0 or None, got {rows}")
     mlps = patched_mlps(model)
@@ -194,26 +237,42 @@ def mlp_chunking(model: nn.Module, rows: int | None):
 
 
 def chunked_apply(fn, x: torch.Tensor, rows: int, params: list[torch.Tensor]) -> torch.Tensor:
-    """``fn(x)`` for a row-wise ``fn`` ([..., H] -> [..., H'], no mixing across tokens), computed over pieces of
-    ``rows`` tokens; with gradients, only x is kept for the backward (:class:`ChunkedMLPFunction`). ``params`` are
-    the tensors ``fn`` uses that may need gradients (those that do not are left out)."""
+    """``fn(x)`` for a row-wise ``fn`` ([..., H] -> [..., H], no mixing across tokens, the width kept), computed over
+    pieces of ``rows`` tokens; with gradients, only x is kept for the backward (:class:`ChunkedMLPFunction`).
+    ``params`` are the tensors ``fn`` uses that may need gradients (those that do not are left out)."""
     trainable = [p for p in params if p.requires_grad]
-    if torch.is_grad_enabled() and (x.requires_grad or trainable):
-        return ChunkedMLPFunction.apply(fn, rows, x, *trainable)
-    return _chunked_forward(fn, x, rows)
+    if not (torch.is_grad_enabled() and (x.requires_grad or trainable)):
+        return _chunked_forward(fn, x, rows)[0]
+    # The node first, saving x; its output is filled in after. A checkpoint's replay of this layer stops when x
+    # is saved (all the layer saved is rebuilt by then), before any piece runs: the backward runs them.
+    out = ChunkedMLPFunction.apply(fn, rows, x, *trainable)
+    with torch.no_grad():
+        _, dtype = _chunked_forward(fn, x.detach(), rows, out.detach())
+    # Under autocast the node cannot tell x's dtype from the autocast one in advance: it made the wider.
+    return out if dtype in (None, out.dtype) else out.to(dtype)
 
 
-def _chunked_forward(fn, x: torch.Tensor, rows: int) -> torch.Tensor:
-    """``fn`` over pieces of ``rows`` tokens, written into one output (no concatenation copy)."""
+def _chunked_forward(
+    fn, x: torch.Tensor, rows: int, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.dtype | None]:
+    """(``fn`` over pieces of ``rows`` tokens written into one output: ``out``, or one made for the first piece;
+    the dtype the pieces came out in, None for no token)."""
     x2 = x.reshape(-1, x.shape[-1])
-    out = out2 = None
+    out2 = None if out is None else out.view(-1, out.shape[-1])
+    dtype = None
     for lo in range(0, x2.shape[0], rows):
         y = fn(x2[lo : lo + rows])
         if out is None:
             out = y.new_empty((*x.shape[:-1], y.shape[-1]))
             out2 = out.view(-1, y.shape[-1])
+        elif y.shape[-1] != out2.shape[-1] or torch.promote_types(y.dtype, out2.dtype) != out2.dtype:
+            raise RuntimeError(
+                f"chunked MLP: a piece came out [..., {y.shape[-1]}] {y.dtype}, which its output [..., "
+                f"{out2.shape[-1]}] {out2.dtype} cannot hold; run this model's MLP whole (mlp_chunking(model, 0))"
+            )
         out2[lo : lo + rows] = y
-    return out
+        dtype = y.dtype
+    return out, dtype
 
 
 def _autocast_state(device_type: str) -> list[tuple[str, bool, torch.dtype]]:
@@ -224,6 +283,9 @@ def _autocast_state(device_type: str) -> list[tuple[str, bool, torch.dtype]]:
 class ChunkedMLPFunction(torch.autograd.Function):
     """y = fn(x) over pieces of the token dimension, keeping only x (not fn's intermediates) for the backward.
 
+    The forward saves x and returns y uninitialised; :func:`chunked_apply` fills it in piece by piece right after,
+    without gradients (so that a checkpoint's replay, which stops once x is saved, never runs the pieces). y is
+    [..., H] (fn keeps the width) in x's dtype, or under autocast the wider of x's and the autocast dtype.
     The backward replays each piece's forward with the forward's RNG state (so LoRA dropout draws the same masks)
     and autocast state, then backpropagates that piece alone: one piece's intermediates and their gradients exist
     at a time. Gradients of ``params`` (the MLP's trainable tensors, passed as inputs so that autograd routes them
@@ -240,7 +302,10 @@ class ChunkedMLPFunction(torch.autograd.Function):
         ctx.autocast_cache = torch.is_autocast_cache_enabled()
         ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
         ctx.save_for_backward(x)
-        return _chunked_forward(fn, x, rows)
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.promote_types(dtype, torch.get_autocast_dtype(x.device.type))
+        return x.new_empty(x.shape, dtype=dtype)
 
     @staticmethod
     def backward(ctx, dy):
@@ -267,7 +332,7 @@ class ChunkedMLPFunction(torch.autograd.Function):
                 inputs = ([xc] if need_dx else []) + params
                 if not inputs or not y.requires_grad:
                     continue
-                grads = torch.autograd.grad(y, inputs, dy2[lo : lo + ctx.rows], allow_unused=True)
+                grads = torch.autograd.grad(y, inputs, dy2[lo : lo + ctx.rows].to(y.dtype), allow_unused=True)
                 if need_dx:
                     dx[lo : lo + ctx.rows] = grads[0]
                 for i, g in enumerate(grads[1 if need_dx else 0 :]):

@@ -29,6 +29,7 @@ the collectives). Loss, tokens and the stop flag are all-reduced; rank 0 alone l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 import random
@@ -177,8 +178,7 @@ class Trainer:
     def _plan_memory(self, model: torch.nn.Module):
         """Choose what each decoder layer keeps for the backward (:mod:`kbit.models.memory_plan`) and apply it."""
         from ..estimate import OPTIMIZER_BYTES
-        from ..models.checkpointing import set_checkpointing
-        from ..models.memory_plan import free_device_bytes, plan_memory, step_bytes
+        from ..models.memory_plan import apply_plan, free_device_bytes, plan_memory, step_bytes
 
         cfg = self.config
         mode = cfg.resolved_memory_plan(self.device.type)
@@ -210,42 +210,37 @@ class Trainer:
                 autocast=self.autocast,
                 why=why,
             )
-            set_checkpointing(model, plan.modes)
+            apply_plan(model, plan)  # checkpointing per layer, and the MLP pieces of the recomputed layers
         except ValueError as e:
             raise ConfigError(f"memory_plan: {e}") from None
         if mode == "memory" and self.device.type == "cuda" and not is_sharded(model):
-            from ..models.memory_plan import MemoryPlan
             from ..models.offload import offload_input_embeddings
 
             # the frozen input embedding table (1 GiB for an 8B model) waits in host memory; rows go over per step
-            plan = MemoryPlan(plan.modes, f"{plan.line}; {offload_input_embeddings(model)}")
+            plan = dataclasses.replace(plan, line=f"{plan.line}; {offload_input_embeddings(model)}")
         return plan
 
     def _can_fall_back(self) -> bool:
         """True when an out-of-memory error in forward/backward may be retried with every layer recomputed: the
         plan was chosen for speed, kept some layers, and this is one process (ranks must agree on a plan)."""
-        return (
-            self._plan_mode == "speed"
-            and "none" in self.memory_plan.modes
-            and not self.dist.distributed
-        )
+        return self._plan_mode == "speed" and "none" in self.memory_plan.modes and not self.dist.distributed
 
     def _fall_back_to_full(self, progress: Progress) -> None:
         """The speed plan kept too many layers: recompute every layer from now on (a line says so)."""
-        from ..models.checkpointing import set_checkpointing
-        from ..models.memory_plan import MemoryPlan
+        from ..models.memory_plan import apply_plan
 
         self.optimizer.zero_grad(set_to_none=True)  # the failed attempt's partial gradients
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         kept = self.memory_plan.modes.count("none")
         modes = tuple("full" if m == "none" else m for m in self.memory_plan.modes)
-        set_checkpointing(self.model, modes)
+        plan = dataclasses.replace(self.memory_plan, modes=modes)
+        apply_plan(self.model, plan)
         line = (
             f"memory plan: out of memory in step {self.step + 1} with {kept} layers kept; "
             f"recomputing every layer from now on (memory_plan: full sets this from the start)"
         )
-        self.memory_plan = MemoryPlan(modes, line)
+        self.memory_plan = dataclasses.replace(plan, line=line)
         self.gradient_checkpointing = True
         progress.write(line)
 

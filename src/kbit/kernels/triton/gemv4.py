@@ -6,10 +6,12 @@ traffic. Here each program owns ``BLOCK_N`` output features and streams their pa
 quantization blocks at a time (the next tile's loads issued before this one is reduced); double-quantized scales
 are rebuilt in the same pass exactly as :func:`kbit.quant.dequantize_4bit` rebuilds them.
 
-Two arithmetic modes. FACTORED (the default) sums ``code[q] * x`` over a block in float32 and multiplies the sum by
-the block's scale: one multiply per block instead of a multiply and a rounding per weight, 12% faster on the H100
-(bench/RESULTS.md); it multiplies the unrounded weights ``code * scale``, so it differs from the bf16 weights the
-dequantizer writes by at most their rounding (2^-9 relative). EXACT rebuilds each weight as the dequantizer does
+Arithmetic modes. LUT (the default) reads the codes as 32-bit words and looks all eight up in registers with byte
+permutes (PRMT, inline PTX) from a table of bfloat16-rounded codes, sums ``code * x`` over a block in float32 and
+multiplies the sum by the block's scale: 23% faster than FACTORED over the three Llama-3-8B shapes on the H100
+(bench/RESULTS.md); like bitsandbytes' GEMV it multiplies bfloat16 codes (up to 2^-8 relative per code). FACTORED
+does the same with float32 codes gathered from memory (two gathers per byte), so it differs from the bf16 weights
+the dequantizer writes by at most their rounding (2^-9 relative). EXACT rebuilds each weight as the dequantizer does
 (rounded to the compute dtype) and differs from dequantize-then-matmul only in summation order. PROBE skips the
 table (wrong values): ``bench/generate.py --sweep`` uses it to show what the tiling alone could reach.
 
@@ -24,6 +26,8 @@ One row only: a tensor-core variant for 2-16 rows was several times slower than 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -31,10 +35,12 @@ import triton.language as tl
 from ...quant.state import QuantState
 from .rounding import add_rn, mul_rn, round_to
 
-EXACT, FACTORED, PROBE = 0, 1, 2  # arithmetic modes (module docstring)
-# (BLOCK_N, blocks per iteration, num_warps, num_stages, mode): the best FACTORED tiling summed over the
-# three Llama-3-8B shapes in bench/generate.py --sweep on the H100 (EXACT's best there: (8, 8, 2, 1, 0)).
-CONFIG = (8, 8, 2, 1, FACTORED)
+EXACT, FACTORED, PROBE, LUT = 0, 1, 2, 3  # arithmetic modes (module docstring)
+# Triton's interpreter (CPU tests) runs no PTX: LUT mode then gathers the same values from a float32 table.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# (BLOCK_N, blocks per iteration, num_warps, num_stages, mode): the best tiling summed over the three Llama-3-8B
+# shapes in bench/generate.py --sweep on the H100: LUT 68.5 us, FACTORED's best (8, 8, 2, 1) 89.1, EXACT's 100.7.
+CONFIG = (8, 16, 4, 1, LUT)
 
 
 @triton.jit
@@ -89,11 +95,133 @@ def _tile_sum(byte, xw, am, code_ptr, dt: tl.constexpr, X_BF16: tl.constexpr, MO
 
 
 @triton.jit
+def _load_words(x_ptr, words_ptr, absmax_ptr, nested_ptr, code8_ptr, offset_ptr, n, nmask, kb0, KW, KB,
+                WPB: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, NESTED: tl.constexpr,
+                NESTED_BS: tl.constexpr):  # fmt: skip
+    """Packed words [BN, NB, WPB] (8 codes each), the x words holding each word's elements 2i, 2i+1 ([NB, WPB]
+    for i = 0..3) and block scales [BN, NB] of blocks kb0 .. kb0 + NB."""
+    t = tl.arange(0, WPB)
+    kb = kb0 + tl.arange(0, NB)
+    bmask = kb < KB
+    woff = n[:, None, None] * KW + kb[None, :, None] * WPB + t[None, None, :]
+    q = tl.load(words_ptr + woff, mask=nmask[:, None, None] & bmask[None, :, None], other=0)
+    # x: four words (elements 8w .. 8w + 7) per packed word, loaded as one contiguous run and split in registers
+    # (four strided loads instead measured 9% slower over the three 8B shapes).
+    xr = kb[:, None, None] * (WPB * 4) + t[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    xw = tl.load(x_ptr + xr, mask=bmask[:, None, None], other=0)
+    x02, x13 = tl.split(tl.reshape(xw, (NB, WPB, 2, 2)))  # split takes the last axis: words 0, 2 and 1, 3
+    x0, x2 = tl.split(x02)
+    x1, x3 = tl.split(x13)
+    x0, x1, x2, x3 = x0[None, :, :], x1[None, :, :], x2[None, :, :], x3[None, :, :]
+    ab = n[:, None] * KB + kb[None, :]
+    amask = nmask[:, None] & bmask[None, :]
+    if NESTED:
+        q8 = tl.load(absmax_ptr + ab, mask=amask, other=0).to(tl.int32)
+        c8 = tl.load(code8_ptr + q8)
+        nested = tl.load(nested_ptr + ab // NESTED_BS, mask=amask, other=0.0)
+        offset = tl.load(offset_ptr + tl.zeros([BLOCK_N, NB], tl.int32))
+        am = add_rn(mul_rn(c8, nested), offset)  # the dequantizer's block scale, rounded as it rounds it
+    else:
+        am = tl.load(absmax_ptr + ab, mask=amask, other=0.0)
+    return q, x0, x1, x2, x3, am
+
+
+# Eight table lookups per 32-bit word of codes in registers, four per PRMT. The 16-entry table is two byte planes
+# (low and high byte of each entry's bfloat16) of four registers each ($9..$12, $13..$16). For four codes at once, a
+# PRMT picks bytes from entries 0-7 and one from entries 8-15 (the selector's 3 low bits of each nibble), a third
+# PRMT keeps one or the other per byte (bit 3 of the code); a last PRMT per code puts its two bytes in the top half
+# of a float32 and fills the bottom half with the sign bit (selector nibbles 8-15 replicate a byte's top bit): 0 for
+# a positive code; all ones for a negative one, whose table entry is one bfloat16 step smaller in magnitude, so the
+# value is the bfloat16 code to 2^-16 of a step either way (lut_table). Byte i of the word holds codes 2i (high
+# nibble) and 2i+1, so the selector nibbles read the codes in the order 1, 0, 3, 2. Every input is read before the
+# first output is written (outputs may share their registers).
+_LUT_ASM = tl.constexpr("""{
+.reg .b32 s0, s1, t0, t1, u, a, b, lo0, hi0, lo1, hi1;
+and.b32 s0, $8, 0x7777;
+shr.u32 t0, $8, 1;
+and.b32 t0, t0, 0x4444;
+or.b32 t0, t0, 0x3210;
+shr.u32 u, $8, 16;
+and.b32 s1, u, 0x7777;
+shr.u32 t1, u, 1;
+and.b32 t1, t1, 0x4444;
+or.b32 t1, t1, 0x3210;
+prmt.b32 a, $9, $10, s0;
+prmt.b32 b, $11, $12, s0;
+prmt.b32 lo0, a, b, t0;
+prmt.b32 a, $13, $14, s0;
+prmt.b32 b, $15, $16, s0;
+prmt.b32 hi0, a, b, t0;
+prmt.b32 a, $9, $10, s1;
+prmt.b32 b, $11, $12, s1;
+prmt.b32 lo1, a, b, t1;
+prmt.b32 a, $13, $14, s1;
+prmt.b32 b, $15, $16, s1;
+prmt.b32 hi1, a, b, t1;
+prmt.b32 $0, lo0, hi0, 0x51DD;
+prmt.b32 $1, lo0, hi0, 0x40CC;
+prmt.b32 $2, lo0, hi0, 0x73FF;
+prmt.b32 $3, lo0, hi0, 0x62EE;
+prmt.b32 $4, lo1, hi1, 0x51DD;
+prmt.b32 $5, lo1, hi1, 0x40CC;
+prmt.b32 $6, lo1, hi1, 0x73FF;
+prmt.b32 $7, lo1, hi1, 0x62EE;
+}""")
+
+
+@triton.jit
+def _x_pair(xw, X_BF16: tl.constexpr):
+    """The two 16-bit elements of x words as float32: (element 2i, element 2i + 1)."""
+    if X_BF16:  # a bfloat16 is the top half of the float32 with the same value
+        return (xw << 16).to(tl.float32, bitcast=True), (xw & -65536).to(tl.float32, bitcast=True)
+    lo = (xw & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _tile_sum_lut(q, x0, x1, x2, x3, am, lut_ptr, X_BF16: tl.constexpr, USE_ASM: tl.constexpr):
+    """LUT mode: sum over a tile's blocks of code times x (bfloat16 codes, float32 sums) times the block scale."""
+    if USE_ASM:
+        planes = lut_ptr + 16  # eight int32 words after the 16-entry float32 table
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+            _LUT_ASM,
+            "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+            [q, tl.load(planes).to(tl.int32, bitcast=True), tl.load(planes + 1).to(tl.int32, bitcast=True),
+             tl.load(planes + 2).to(tl.int32, bitcast=True), tl.load(planes + 3).to(tl.int32, bitcast=True),
+             tl.load(planes + 4).to(tl.int32, bitcast=True), tl.load(planes + 5).to(tl.int32, bitcast=True),
+             tl.load(planes + 6).to(tl.int32, bitcast=True), tl.load(planes + 7).to(tl.int32, bitcast=True)],
+            dtype=(tl.int32,) * 8, is_pure=True, pack=1,
+        )  # fmt: skip
+        # float32 results leave PTX through 32-bit integer registers ("=r"; LLVM gives "f" only to float32 types)
+        v0, v1 = v0.to(tl.float32, bitcast=True), v1.to(tl.float32, bitcast=True)
+        v2, v3 = v2.to(tl.float32, bitcast=True), v3.to(tl.float32, bitcast=True)
+        v4, v5 = v4.to(tl.float32, bitcast=True), v5.to(tl.float32, bitcast=True)
+        v6, v7 = v6.to(tl.float32, bitcast=True), v7.to(tl.float32, bitcast=True)
+    else:  # the same float32 values from the table (code 2i in the high nibble of byte i)
+        v0 = tl.load(lut_ptr + ((q >> 4) & 15))
+        v1 = tl.load(lut_ptr + (q & 15))
+        v2 = tl.load(lut_ptr + ((q >> 12) & 15))
+        v3 = tl.load(lut_ptr + ((q >> 8) & 15))
+        v4 = tl.load(lut_ptr + ((q >> 20) & 15))
+        v5 = tl.load(lut_ptr + ((q >> 16) & 15))
+        v6 = tl.load(lut_ptr + ((q >> 28) & 15))
+        v7 = tl.load(lut_ptr + ((q >> 24) & 15))
+    e0, o0 = _x_pair(x0, X_BF16)
+    e1, o1 = _x_pair(x1, X_BF16)
+    e2, o2 = _x_pair(x2, X_BF16)
+    e3, o3 = _x_pair(x3, X_BF16)
+    s = v0 * e0 + v1 * o0 + v2 * e1 + v3 * o1
+    s += v4 * e2 + v5 * o2 + v6 * e3 + v7 * o3
+    return tl.sum(am * tl.sum(s, axis=2), axis=1)
+
+
+@triton.jit
 def _gemv4_kernel(
     x_ptr,  # [K / 2] int32: the compute-dtype row, two elements per word (element 2i in the low half)
     bytes_ptr,  # [N * K / 2] uint8: element 2i in the high nibble of byte i
     absmax_ptr,  # fp32 [N * K / BS], or uint8 codes under double quant
-    code_ptr,  # [16] float32 code table
+    code_ptr,  # [16] float32 code table; LUT mode: the bfloat16-code table then its eight byte-plane words
     nested_ptr,  # fp32 nested scales (double quant only)
     code8_ptr,  # [256] fp32 nested map (double quant only)
     offset_ptr,  # fp32 scalar (double quant only)
@@ -104,6 +232,7 @@ def _gemv4_kernel(
     out_ptr,  # [N]
     N,
     KH,  # K / 2: bytes per row
+    KW,  # K / 8: 32-bit words per row (LUT mode; passed so that Triton knows its divisibility)
     R,
     XS,
     XA_STRIDE,
@@ -120,6 +249,7 @@ def _gemv4_kernel(
     HAS_RES: tl.constexpr,
     X_BF16: tl.constexpr,  # x is bfloat16 (else float16)
     MODE: tl.constexpr,
+    USE_ASM: tl.constexpr,  # LUT mode's lookups in PTX (False under Triton's interpreter)
 ):
     # Tiles are [features, blocks, bytes of a block]: a block's scale broadcasts along the last axis. x arrives as
     # 32-bit words holding the even/odd pair that matches a byte's two nibbles, so every load is contiguous and
@@ -133,13 +263,24 @@ def _gemv4_kernel(
     KB = KH // HB
     y = tl.zeros([BLOCK_N], dtype=tl.float32)
     # The next tile is loaded before this one is reduced (the sweep measured 10% over loading each in turn).
-    byte, xw, am = _load_tile(x_ptr, bytes_ptr, absmax_ptr, nested_ptr, code8_ptr, offset_ptr, n, nmask, 0,
-                              KH, KB, HB, NB, BLOCK_N, NESTED, NESTED_BS)  # fmt: skip
-    for kb0 in range(NB, KB + NB, NB):  # the last load is fully masked: no traffic
-        nbyte, nxw, nam = _load_tile(x_ptr, bytes_ptr, absmax_ptr, nested_ptr, code8_ptr, offset_ptr, n, nmask,
-                                     kb0, KH, KB, HB, NB, BLOCK_N, NESTED, NESTED_BS)  # fmt: skip
-        y += _tile_sum(byte, xw, am, code_ptr, dt, X_BF16, MODE)
-        byte, xw, am = nbyte, nxw, nam
+    if MODE == 3:  # bytes_ptr holds int32 words: 8 codes each, BS // 8 words per block
+        WPB: tl.constexpr = BS // 8
+        q, x0, x1, x2, x3, am = _load_words(x_ptr, bytes_ptr, absmax_ptr, nested_ptr, code8_ptr, offset_ptr, n,
+                                            nmask, 0, KW, KB, WPB, NB, BLOCK_N, NESTED, NESTED_BS)  # fmt: skip
+        for kb0 in range(NB, KB + NB, NB):
+            nq, nx0, nx1, nx2, nx3, nam = _load_words(x_ptr, bytes_ptr, absmax_ptr, nested_ptr, code8_ptr,
+                                                      offset_ptr, n, nmask, kb0, KW, KB, WPB, NB, BLOCK_N, NESTED,
+                                                      NESTED_BS)  # fmt: skip
+            y += _tile_sum_lut(q, x0, x1, x2, x3, am, code_ptr, X_BF16, USE_ASM)
+            q, x0, x1, x2, x3, am = nq, nx0, nx1, nx2, nx3, nam
+    else:
+        byte, xw, am = _load_tile(x_ptr, bytes_ptr, absmax_ptr, nested_ptr, code8_ptr, offset_ptr, n, nmask, 0,
+                                  KH, KB, HB, NB, BLOCK_N, NESTED, NESTED_BS)  # fmt: skip
+        for kb0 in range(NB, KB + NB, NB):  # the last load is fully masked: no traffic
+            nbyte, nxw, nam = _load_tile(x_ptr, bytes_ptr, absmax_ptr, nested_ptr, code8_ptr, offset_ptr, n,
+                                         nmask, kb0, KH, KB, HB, NB, BLOCK_N, NESTED, NESTED_BS)  # fmt: skip
+            y += _tile_sum(byte, xw, am, code_ptr, dt, X_BF16, MODE)
+            byte, xw, am = nbyte, nxw, nam
     if HAS_BIAS:
         y += tl.load(bias_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     if HAS_LORA:
@@ -154,6 +295,26 @@ def _gemv4_kernel(
     if HAS_RES:  # round, then add as a separate op would: the residual stream's values do not change
         y = round_to(y, dt).to(tl.float32) + tl.load(res_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + n, round_to(y, dt), mask=nmask)
+
+
+def lut_table(code: torch.Tensor, build: bool = True) -> torch.Tensor | None:
+    """LUT mode's table for a 16-entry code table, built on its device (no host sync, so a CUDA graph may be
+    captured later) and cached: the 16 float32 values the kernel multiplies (each the bfloat16-rounded code, to
+    2^-16 of a bfloat16 step), then the 8 byte-plane words its PRMT lookups index (low bytes of entries 0-15, then
+    high bytes)."""
+    lut = getattr(code, "_kbit_lut", None)  # kept on the code tensor: lives and dies with the quant state
+    if lut is None and build:
+        b = code.to(torch.float32).to(torch.bfloat16)
+        b = torch.where(b == 0, torch.zeros_like(b), b)  # -0.0 as +0.0 (its bits minus one would be a NaN)
+        bits = b.view(torch.int16).to(torch.int32) & 0xFFFF
+        neg = bits >= 0x8000
+        bits = bits - neg.to(torch.int32)  # one step smaller in magnitude: the kernel fills the low half with ones
+        h = bits.to(torch.int16).view(torch.uint8).reshape(16, 2)  # little-endian: [low byte, high byte]
+        fill = (neg.to(torch.uint8) * 255).reshape(16, 1).expand(16, 2)
+        values = torch.cat([fill, h], dim=1).reshape(-1)  # the float32 the kernel builds: [fill, fill, lo, hi]
+        planes = torch.cat([h[:, 0], h[:, 1]])  # 32 bytes: entry c's low byte at c, high byte at 16 + c
+        lut = code._kbit_lut = torch.cat([values, planes]).view(torch.float32)  # [24] words
+    return lut
 
 
 def supports(state: QuantState, k: int, dtype: torch.dtype = torch.bfloat16) -> bool:
@@ -194,6 +355,15 @@ def gemv_4bit(
         nested_bs = 1
     bn, nb, warps, stages, mode = config or CONFIG
     nb = max(1, nb * 64 // state.blocksize)  # tuned at blocksize 64: keep the bytes per iteration
+    if mode == LUT:
+        # The codes are read as 32-bit words; the table is built by kernels, which a CUDA graph capture must not
+        # record (its memory would belong to the graph): a weight first seen while capturing takes FACTORED.
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        unbuilt = capturing and lut_table(state.code, build=False) is None
+        if raw.data_ptr() % 4 or unbuilt:
+            mode = FACTORED
+        else:
+            raw, code = raw.view(torch.int32), lut_table(state.code)
     has_lora = xa is not None
     rank = lora_b.shape[1] if has_lora else 1
     if has_lora and xa.stride(1) != 1:
@@ -212,6 +382,7 @@ def gemv_4bit(
         out,
         n,
         k // 2,
+        k // 8,
         rank,
         parts,
         xa.stride(0) if has_lora else 0,
@@ -228,6 +399,7 @@ def gemv_4bit(
         HAS_RES=residual is not None,
         X_BF16=x.dtype == torch.bfloat16,
         MODE=mode,
+        USE_ASM=not _INTERPRETED,
         num_warps=warps,
         num_stages=stages,
     )
