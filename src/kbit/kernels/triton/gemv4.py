@@ -44,16 +44,9 @@ CONFIG = (8, 16, 4, 1, LUT)
 
 
 @triton.jit
-def _load_tile(x_ptr, bytes_ptr, absmax_ptr, nested_ptr, code8_ptr, offset_ptr, n, nmask, kb0, KH, KB,
-               HB: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, NESTED: tl.constexpr,
-               NESTED_BS: tl.constexpr):  # fmt: skip
-    """Packed bytes [BN, NB, HB], x words [NB, HB] and block scales [BN, NB] of blocks kb0 .. kb0 + NB."""
-    t = tl.arange(0, HB)
-    kb = kb0 + tl.arange(0, NB)
-    bmask = kb < KB
-    boff = n[:, None, None] * KH + kb[None, :, None] * HB + t[None, None, :]
-    byte = tl.load(bytes_ptr + boff, mask=nmask[:, None, None] & bmask[None, :, None], other=0)
-    xw = tl.load(x_ptr + kb[:, None] * HB + t[None, :], mask=bmask[:, None], other=0)
+def _block_scales(absmax_ptr, nested_ptr, code8_ptr, offset_ptr, n, nmask, kb, bmask, KB, BLOCK_N: tl.constexpr,
+                  NB: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr):  # fmt: skip
+    """Float32 scales [BN, NB] of blocks ``kb`` of features ``n`` (rebuilt from double quantization if NESTED)."""
     ab = n[:, None] * KB + kb[None, :]
     amask = nmask[:, None] & bmask[None, :]
     if NESTED:
@@ -64,18 +57,39 @@ def _load_tile(x_ptr, bytes_ptr, absmax_ptr, nested_ptr, code8_ptr, offset_ptr, 
         am = add_rn(mul_rn(c8, nested), offset)  # the dequantizer's block scale, rounded as it rounds it
     else:
         am = tl.load(absmax_ptr + ab, mask=amask, other=0.0)
+    return am
+
+
+@triton.jit
+def _load_tile(x_ptr, bytes_ptr, absmax_ptr, nested_ptr, code8_ptr, offset_ptr, n, nmask, kb0, KH, KB,
+               HB: tl.constexpr, NB: tl.constexpr, BLOCK_N: tl.constexpr, NESTED: tl.constexpr,
+               NESTED_BS: tl.constexpr):  # fmt: skip
+    """Packed bytes [BN, NB, HB], x words [NB, HB] and block scales [BN, NB] of blocks kb0 .. kb0 + NB."""
+    t = tl.arange(0, HB)
+    kb = kb0 + tl.arange(0, NB)
+    bmask = kb < KB
+    boff = n[:, None, None] * KH + kb[None, :, None] * HB + t[None, None, :]
+    byte = tl.load(bytes_ptr + boff, mask=nmask[:, None, None] & bmask[None, :, None], other=0)
+    xw = tl.load(x_ptr + kb[:, None] * HB + t[None, :], mask=bmask[:, None], other=0)
+    am = _block_scales(absmax_ptr, nested_ptr, code8_ptr, offset_ptr, n, nmask, kb, bmask, KB, BLOCK_N, NB, NESTED,
+                       NESTED_BS)  # fmt: skip
     return byte, xw, am
+
+
+@triton.jit
+def _x_pair(xw, X_BF16: tl.constexpr):
+    """The two 16-bit elements of x words as float32: (element 2i, element 2i + 1)."""
+    if X_BF16:  # a bfloat16 is the top half of the float32 with the same value
+        return (xw << 16).to(tl.float32, bitcast=True), (xw & -65536).to(tl.float32, bitcast=True)
+    lo = (xw & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
 
 
 @triton.jit
 def _tile_sum(byte, xw, am, code_ptr, dt: tl.constexpr, X_BF16: tl.constexpr, MODE: tl.constexpr):
     """Sum over a tile's blocks of weight times x, per feature: [BN] float32."""
-    if X_BF16:  # a bfloat16 is the top half of the float32 with the same value
-        x_even = (xw << 16).to(tl.float32, bitcast=True)
-        x_odd = (xw & -65536).to(tl.float32, bitcast=True)
-    else:
-        x_even = (xw & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        x_odd = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    x_even, x_odd = _x_pair(xw, X_BF16)
     if MODE == 2:
         part = tl.sum(byte.to(tl.float32) * x_even[None, :, :], axis=2)
     else:
@@ -113,16 +127,8 @@ def _load_words(x_ptr, words_ptr, absmax_ptr, nested_ptr, code8_ptr, offset_ptr,
     x0, x2 = tl.split(x02)
     x1, x3 = tl.split(x13)
     x0, x1, x2, x3 = x0[None, :, :], x1[None, :, :], x2[None, :, :], x3[None, :, :]
-    ab = n[:, None] * KB + kb[None, :]
-    amask = nmask[:, None] & bmask[None, :]
-    if NESTED:
-        q8 = tl.load(absmax_ptr + ab, mask=amask, other=0).to(tl.int32)
-        c8 = tl.load(code8_ptr + q8)
-        nested = tl.load(nested_ptr + ab // NESTED_BS, mask=amask, other=0.0)
-        offset = tl.load(offset_ptr + tl.zeros([BLOCK_N, NB], tl.int32))
-        am = add_rn(mul_rn(c8, nested), offset)  # the dequantizer's block scale, rounded as it rounds it
-    else:
-        am = tl.load(absmax_ptr + ab, mask=amask, other=0.0)
+    am = _block_scales(absmax_ptr, nested_ptr, code8_ptr, offset_ptr, n, nmask, kb, bmask, KB, BLOCK_N, NB, NESTED,
+                       NESTED_BS)  # fmt: skip
     return q, x0, x1, x2, x3, am
 
 
@@ -167,16 +173,6 @@ prmt.b32 $5, lo1, hi1, 0x40CC;
 prmt.b32 $6, lo1, hi1, 0x73FF;
 prmt.b32 $7, lo1, hi1, 0x62EE;
 }""")
-
-
-@triton.jit
-def _x_pair(xw, X_BF16: tl.constexpr):
-    """The two 16-bit elements of x words as float32: (element 2i, element 2i + 1)."""
-    if X_BF16:  # a bfloat16 is the top half of the float32 with the same value
-        return (xw << 16).to(tl.float32, bitcast=True), (xw & -65536).to(tl.float32, bitcast=True)
-    lo = (xw & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    hi = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return lo, hi
 
 
 @triton.jit
