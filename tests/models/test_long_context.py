@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from kbit_testing import FAMILY_CONFIGS, TINY
+from kbit_testing import FAMILY_CONFIGS, TINY, kept_bytes_per_layer
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -448,15 +448,7 @@ def test_chunked_probe_matches_cuda_memory():
     ids = torch.zeros((4, 1024), dtype=torch.long, device="cuda")
     with mlp_chunking(model, 512):
         cost = measure_layer_cost(model, 4, 1024)
-        held = {}
-        for plan in ("none", "full"):
-            set_checkpointing(model, plan)
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            out = model(input_ids=ids, use_cache=False).logits
-            held[plan] = torch.cuda.memory_allocated() - before
-            del out
-    measured = (held["none"] - held["full"]) / 3 + cost.input
+        measured = kept_bytes_per_layer(model, ids, 3) + cost.input
     assert abs(measured - cost.keep) < 0.1 * cost.keep, (measured / GIB, cost)
     assert cost.workspace > 0
 

@@ -10,7 +10,7 @@ import weakref
 
 import pytest
 import torch
-from kbit_testing import tiny_llama
+from kbit_testing import kept_bytes_per_layer, tiny_llama
 
 from kbit.lora import add_lora, lora_layers
 from kbit.models.checkpointing import decoder_layers, set_checkpointing
@@ -54,14 +54,10 @@ def model(fast: bool, device: str = "cpu", dtype: torch.dtype = torch.float32, d
 
 
 def host_inputs(m) -> list[SavedInput]:
-    """The layer inputs an offloading model holds in host memory now (its Offloader's chain, last first)."""
+    """The layer inputs an offloading model holds in host memory now (its Offloader's chain, forward order)."""
     funcs = [layer._gradient_checkpointing_func for layer in decoder_layers(m)]
     offloader = next((f.__self__ for f in funcs if isinstance(getattr(f, "__self__", None), Offloader)), None)
-    chain, link = [], offloader._last if offloader else None
-    while link is not None and link() is not None:
-        chain.append(link())
-        link = chain[-1].previous
-    return chain
+    return offloader.saved() if offloader else []
 
 
 def loss_and_grads(m, ids):
@@ -231,17 +227,8 @@ def test_probe_matches_cuda_memory():
     m = model(True, "cuda", torch.bfloat16)
     m.enable_input_require_grads()  # layer 0 saves as much as the others (and as the probe's layer)
     cost = measure_layer_cost(m, 4, 1024)
-    set_checkpointing(m, "none")
     ids = torch.zeros((4, 1024), dtype=torch.long, device="cuda")
-    held = {}
-    for plan in ("none", "full"):
-        set_checkpointing(m, plan)
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        out = m(input_ids=ids, use_cache=False).logits
-        held[plan] = torch.cuda.memory_allocated() - before
-        del out
-    measured = (held["none"] - held["full"]) / 3 + cost.input
+    measured = kept_bytes_per_layer(m, ids, 3) + cost.input
     assert abs(measured - cost.keep) < 0.1 * cost.keep, (measured / GIB, cost)
 
 

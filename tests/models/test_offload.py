@@ -47,11 +47,7 @@ def test_offload_holds_inputs_in_host_copies_and_prefetches_one_layer_ahead():
     for i in range(3):
         inputs.append(h)
         h = offloader.checkpoint(layer(i), h)
-    chain, link = [], offloader._last
-    while link is not None and link() is not None:
-        chain.append(link())
-        link = chain[-1].previous
-    saved.extend(reversed(chain))  # forward order
+    saved.extend(offloader.saved())
     assert len(saved) == 3
     for s, inp in zip(saved, inputs, strict=True):
         assert torch.equal(s.host, inp) and s.host.untyped_storage().data_ptr() != inp.untyped_storage().data_ptr()
@@ -76,13 +72,9 @@ def chain_step(offloader: Offloader, weights: list[torch.Tensor], x: torch.Tenso
     h = x
     for w in weights:
         h = offloader.checkpoint(lambda t, w=w: torch.tanh(t @ w), h)
-    chain, link = [], offloader._last
-    while link is not None and link() is not None:
-        chain.append(link())
-        link = chain[-1].previous
-    saved = list(reversed(chain))
+    saved = offloader.saved()
     facts = [(s.host.data_ptr(), s.buffer.nbytes) for s in saved]
-    del chain, saved
+    del saved
     h.sum().backward()
     return facts
 
@@ -202,10 +194,7 @@ def test_offloaded_inputs_are_page_locked_exactly_and_reused_on_gpu():
     h = x
     for w in weights:
         h = offloader.checkpoint(lambda t, w=w: torch.tanh(t @ w), h)
-    saved, link = [], offloader._last
-    while link is not None and link() is not None:
-        saved.append(link())
-        link = saved[-1].previous
+    saved = offloader.saved()
     assert len(saved) == 3
     for s in saved:
         assert s.host.is_pinned() and s.host.device.type == "cpu"
@@ -214,7 +203,7 @@ def test_offloaded_inputs_are_page_locked_exactly_and_reused_on_gpu():
     assert pinned_host_bytes()[0] - locked0 == step == 3 * 1_024_000  # 250 pages each, exactly
     assert torch.cuda.host_memory_stats().get("allocated_bytes.current", 0) == torch_pinned0
     ptrs = sorted(s.host.data_ptr() for s in saved)
-    del saved, link, s  # the backward frees the saved inputs, returning their buffers to the pool
+    del saved, s  # the backward frees the saved inputs, returning their buffers to the pool
     h.sum().backward()
     torch.cuda.synchronize()
     for got, w in zip((*weights, x), want, strict=True):  # the same kernels on the same (copied back) inputs

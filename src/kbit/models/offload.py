@@ -218,6 +218,14 @@ class Offloader:
             self._streams[device] = torch.cuda.Stream(device=device)
         return self._streams[device]
 
+    def saved(self) -> list[SavedInput]:
+        """The inputs this offloader holds now (the chain of the current forward), in forward order."""
+        chain, link = [], self._last
+        while link is not None and link() is not None:
+            chain.append(link())
+            link = chain[-1].previous
+        return chain[::-1]
+
     def checkpoint(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
         """Non-reentrant ``torch.utils.checkpoint`` of ``function(*args)``, its first argument kept in host memory."""
         # A list emptied after the call, not a closure over the tensor: the pack hook lives as long as the saved
