@@ -201,15 +201,7 @@ class AdamW8bit(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         ps = self._param_set()
-        if ps.refresh():
-            try:
-                self._activate(ps)
-            except BaseException:
-                self._params = None  # half-built: start over at the next step
-                raise
-        else:
-            ps.advance()
-        if not ps.active:
+        if not ps.ready(self._activate):
             return loss
         for s in ps.states:
             s["step"] += 1

@@ -129,6 +129,14 @@ class PagedAdamW(torch.optim.AdamW):
     def _init_state(self, p: torch.Tensor) -> None:
         self.state[p]["step"] = torch.tensor(0.0)  # torch's format: a float32 CPU scalar
 
+    def _activate(self, ps: ParamSet) -> None:
+        """The set of parameters with gradients changed: initialise state, regroup, (re)build the paged buckets."""
+        ps.activate(self.state, self._init_state, lambda s: int(s["step"].item()), contiguous=True)
+        self._step_tensors = [s["step"] for s in ps.states]
+        if self._fusion is None:
+            self._fusion = FusedUpdate(self._new_bucket, None, torch_order=True)
+        self._fusion.activate(self, ps, ps.active)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         """torch's AdamW step; on CUDA with the moments paged in from host memory."""
@@ -145,19 +153,7 @@ class PagedAdamW(torch.optim.AdamW):
         if self._params is None or self._params.key != groups_key(self.param_groups):
             self._params = ParamSet(self)
         ps = self._params
-        if ps.refresh():
-            try:
-                ps.activate(self.state, self._init_state, lambda s: int(s["step"].item()), contiguous=True)
-                self._step_tensors = [s["step"] for s in ps.states]
-                if self._fusion is None:
-                    self._fusion = FusedUpdate(self._new_bucket, None, torch_order=True)
-                self._fusion.activate(self, ps, ps.active)
-            except BaseException:
-                self._params = None  # half-built: start over at the next step
-                raise
-        else:
-            ps.advance()
-        if not ps.active:
+        if not ps.ready(self._activate):
             return loss
         torch._foreach_add_(self._step_tensors, 1.0)  # one call for every parameter's CPU step counter
         self._fusion.step(ps)

@@ -141,3 +141,17 @@ class ParamSet:
         """Move every batch one step on (the active set did not change since they were formed)."""
         for b in self.batches:
             b.step += 1
+
+    def ready(self, activate: Callable[[ParamSet], None]) -> bool:
+        """Start a step: read the gradients, then ``activate(self)`` if the set of parameters with a gradient changed
+        (if that raises, :attr:`key` is cleared so the optimizer rebuilds the set at its next step: it may be
+        half-built), else move the batches on; True when some parameter has a gradient."""
+        if self.refresh():
+            try:
+                activate(self)
+            except BaseException:
+                self.key = None
+                raise
+        else:
+            self.advance()
+        return bool(self.active)
