@@ -137,7 +137,7 @@ def set_mode(model, mode: str, batch: int, seq_len: int) -> tuple[str, int, tupl
     """Apply ``mode``'s memory plan for this batch size (apply_plan: checkpointing per layer, the MLP pieces of the
     recomputed layers); (the line saying what, decoder layers recomputed, the mode of each layer)."""
     from kbit.estimate import OPTIMIZER_BYTES
-    from kbit.models.memory_plan import apply_plan, plan_memory, step_bytes
+    from kbit.models.memory_plan import RECOMPUTED, apply_plan, plan_memory, step_bytes
     from kbit.models.offload import offload_input_embeddings
 
     if mode == "fast-auto":  # the trainer's "speed" plan: the fused loss, torch AdamW's two moments per parameter
@@ -149,7 +149,7 @@ def set_mode(model, mode: str, batch: int, seq_len: int) -> tuple[str, int, tupl
     line = f"{plan.line}; {apply_plan(model, plan)}"
     if mode == "fast-memory":  # the trainer's memory plan on CUDA: the embedding table in host memory too
         line += f"; {offload_input_embeddings(model)}"
-    recomputed = sum(m in ("full", "offload") for m in plan.modes)  # selective counts as none
+    recomputed = sum(m in RECOMPUTED for m in plan.modes)  # selective counts as none
     return line, recomputed, plan.modes
 
 
@@ -392,7 +392,6 @@ def profile_step(step, device: str, vocab: int, trace: Path | None = None) -> di
         wall = time.perf_counter() - t
     if trace is not None:
         prof.export_chrome_trace(str(trace))
-    ms = dict.fromkeys(KERNEL_CLASSES, 0.0)
     top: dict[tuple[str, str], float] = {}  # (class, kernel or op name) -> ms
     events = prof.events()
     for e in events:
@@ -402,20 +401,20 @@ def profile_step(step, device: str, vocab: int, trace: Path | None = None) -> di
         if device == "cuda":
             for k in e.kernels:  # the kernels this op launched itself (not its children's)
                 cls = kernel_class(k.name, chain, e.input_shapes, vocab)
-                ms[cls] += k.duration / 1e3
                 key = (cls, f"{k.name[:90]} <- {chain[0] if chain else '?'}")
                 top[key] = top.get(key, 0.0) + k.duration / 1e3
         else:
             cls = kernel_class(e.name, chain, e.input_shapes, vocab)
-            ms[cls] += e.self_cpu_time_total / 1e3
             top[(cls, e.name)] = top.get((cls, e.name), 0.0) + e.self_cpu_time_total / 1e3
     if device == "cuda":  # kernels launched outside any recorded op (none expected) count as other
         # Device events include user annotations (record_function ranges mirrored on the GPU): not kernels.
         on_gpu = [e for e in events if e.device_type == DeviceType.CUDA]
         total = sum(e.time_range.elapsed_us() for e in on_gpu if not getattr(e, "is_user_annotation", False)) / 1e3
-        unattributed = max(0.0, total - sum(ms.values()))
-        ms["other"] += unattributed
+        unattributed = max(0.0, total - sum(top.values()))
         top[("other", "kernels launched outside any recorded op")] = unattributed
+    ms = dict.fromkeys(KERNEL_CLASSES, 0.0)
+    for (cls, _), v in top.items():
+        ms[cls] += v
     ranked = sorted(top.items(), key=lambda kv: -kv[1])[:TOP_KERNELS]
     return {"wall_ms": wall * 1e3, "ms": ms, "top": [(cls, name, round(v, 2)) for (cls, name), v in ranked]}
 
