@@ -88,11 +88,11 @@ def apply_fast_path(model: nn.Module) -> str:
     fused = enable_fused_lora(hf)
     if fused:
         done.append(f"LoRA with its base projection x{fused}")
-    if adapters > fused:  # they run as separate modules, as on the reference path
-        kept.append(f"{adapters - fused} LoRA layers unfused (dropout, DoRA, or adapters not in the compute dtype)")
     line = f"fast path for {model_type}: fused {', '.join(done)}"
     if kept:
         line += f"; kept transformers' {', '.join(kept)}"
+    if adapters > fused:  # they run as separate modules, as on the reference path (not transformers' own code)
+        line += f"; {adapters - fused} LoRA layers unfused (dropout, DoRA, or adapters not in the compute dtype)"
     setattr(hf, PATCHED_ATTR, line)
     log.info(line)
     return line
