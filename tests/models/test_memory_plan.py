@@ -22,11 +22,12 @@ from kbit.models.memory_plan import (
     apply_plan,
     choose_plan,
     measure_layer_cost,
+    memory_loss_rows,
     needed_bytes,
     plan_memory,
 )
 from kbit.models.offload import Offloader, SavedInput
-from kbit.models.patch import apply_fast_path, mlp_chunking
+from kbit.models.patch import LOSS_CHUNK_ATTR, apply_fast_path, mlp_chunking
 from kbit.nn import Linear4bit
 
 PLANS = [
@@ -161,6 +162,32 @@ def test_plan_memory_speed_from_given_free_memory():
     assert set(PLAN_MODES) == {"speed", "memory", "full", "none", "selective", "offload"}
     with pytest.raises(ValueError, match="memory plan must be one of speed, memory, full, selective, offload, none"):
         plan_memory(m, "fast", 2, 16)
+
+
+def test_memory_plan_runs_the_loss_in_smaller_chunks_with_the_same_result():
+    assert [memory_loss_rows(t) for t in (16, 2048, 3000, 8 * 2048)] == [256, 256, 256, 2048]
+    ids = torch.randint(0, 256, (2, 1024), generator=torch.Generator().manual_seed(0))
+    base = model(True, dropout=0.0)
+    set_checkpointing(base, "none")
+    loss0, grads0, _ = loss_and_grads(base, ids)
+    m = copy.deepcopy(base)
+    plan = plan_memory(m, "memory", 2, 1024)
+    assert plan.loss_rows == 256 and plan_memory(model(False), "memory", 2, 1024).loss_rows is None  # unpatched
+    assert apply_plan(m, plan).endswith("; the loss in chunks of at most 256 tokens")
+    calls = []
+    hook = torch.nn.functional.linear
+    head = m.lm_head.weight
+    try:  # the rows of each LM-head matmul the loss makes
+        torch.nn.functional.linear = lambda x, w, b=None: (w is head and calls.append(x.shape[0])) or hook(x, w, b)
+        loss, grads, _ = loss_and_grads(m, ids)
+    finally:
+        torch.nn.functional.linear = hook
+    assert calls == [256] * 7 + [254]  # 2 x 1024 tokens less the last of each sequence (no target)
+    torch.testing.assert_close(loss, loss0, atol=1e-6, rtol=1e-6)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-5, msg=name)
+    apply_plan(m, plan_memory(m, "full", 2, 1024))  # another plan gives the default chunks back
+    assert getattr(m, LOSS_CHUNK_ATTR) is None
 
 
 def test_plan_length_and_modes_are_checked():

@@ -92,6 +92,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 dh[lo : lo + chunk_rows] = logits @ weight.to(logits.dtype)  # [C, V] @ [V, H]
             if dw is not None:
                 dw += logits.t() @ h.to(logits.dtype)  # [V, C] @ [C, H], summed in float32
+            del logits, loss  # freed before the next chunk's logits exist: one chunk at a time, not two
         ctx.save_for_backward(dh, None if dw is None else dw.to(weight.dtype))
         return total / count if mean else total
 
@@ -112,12 +113,15 @@ def linear_cross_entropy(
     softcap: float | None = None,
     chunk_rows: int | None = None,
     skip_ignored: bool = True,
+    max_chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """Token cross-entropy of the logits ``hidden @ weight.T`` against ``targets`` without materialising them.
 
     hidden [..., H], targets [...] (same leading shape), weight [V, H]; ``reduction`` "mean" (over the target
     tokens) or "sum" (for token-normalised accumulation across micro-batches). ``skip_ignored`` first drops
     the rows whose target is ``ignore_index`` (one host sync; the prompt tokens of chat data cost nothing then).
+    ``chunk_rows`` sets the rows per chunk; by default a chunk holds 256 MiB of logits, or ``max_chunk_rows`` rows
+    if that is fewer (a memory plan's cap).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -128,13 +132,17 @@ def linear_cross_entropy(
         )
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1).to(h.device)
-    if skip_ignored:
+    # The compaction needs the count on the host: skipped inside a CUDA-graph capture (ignored rows then cost their
+    # matmul but still add nothing).
+    if skip_ignored and not (h.is_cuda and torch.cuda.is_current_stream_capturing()):
         keep = (t != ignore_index).nonzero().squeeze(1)
         if len(keep) < len(t):
             h, t = h[keep], t[keep]
     if chunk_rows is None:
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         chunk_rows = _chunk_rows(max(1, h.shape[0]), weight.shape[0], dtype.itemsize)
+        if max_chunk_rows is not None:
+            chunk_rows = max(1, min(chunk_rows, max_chunk_rows))
     return LinearCrossEntropyFunction.apply(
         h, weight, t, ignore_index, reduction == "mean", softcap, chunk_rows, torch.is_grad_enabled()
     )

@@ -29,12 +29,15 @@ A plan also sets how the recomputed layers ("full", "offload") run their patched
 per [piece, intermediate] activation and at least two (:func:`kbit.models.patch.recompute_chunk_rows`), which in
 a recomputed layer costs no extra forward (the patch module says why) and leaves one piece's intermediates alive
 instead of the whole input's. The chooser still counts the automatic pieces (:func:`measure_layer_cost`), which
-hold at least as much: the plan errs on the safe side. :func:`apply_plan` applies both parts.
+hold at least as much: the plan errs on the safe side. "memory" also runs the fused LM-head loss in chunks of an
+eighth of the batch's tokens (:func:`memory_loss_rows`): at one sequence of 2,048 the default 256 MiB chunk of
+logits would be the step's peak, larger than a recomputed layer. :func:`apply_plan` applies every part.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +46,15 @@ import torch
 from torch import nn
 
 from .checkpointing import MODES, decoder_layers, set_checkpointing
-from .patch import mlp_chunk_rows, mlp_chunking, patched_mlps, recompute_chunk_rows, set_planned_mlp_rows
+from .patch import (
+    mlp_chunk_rows,
+    mlp_chunking,
+    patched_mlps,
+    recompute_chunk_rows,
+    set_loss_chunk_rows,
+    set_planned_mlp_rows,
+    uses_fused_loss,
+)
 
 log = logging.getLogger("kbit")
 GIB = 2**30
@@ -52,6 +63,7 @@ MARGIN_FRACTION = 0.05  # of the free memory: allocator fragmentation and what t
 MARGIN_BYTES = GIB // 2  # at least this much (CUDA/cuBLAS workspaces created by the first step)
 PROBE_TOKENS = 16384  # the largest probe; longer batches are extrapolated from two probes
 LOGIT_BYTES = 10  # per logit without the fused loss: bf16 logits, their float32 copy and its gradient (as estimate)
+MIN_LOSS_ROWS = 256  # the smallest fused-loss chunk plan "memory" sets
 RECOMPUTED = ("full", "offload")  # modes whose layer forward the backward replays (selective replays only cheap ops)
 
 
@@ -71,6 +83,7 @@ class MemoryPlan:
     modes: tuple[str, ...]
     line: str
     mlp_rows: int | None = None  # tokens per patched-MLP piece in the recomputed layers (None: the automatic rule)
+    loss_rows: int | None = None  # tokens per chunk of the fused LM-head loss (None: its 256 MiB rule)
 
 
 def needed_bytes(modes: tuple[str, ...] | list[str], cost: LayerCost) -> int:
@@ -244,7 +257,7 @@ def step_bytes(model: nn.Module, batch: int, seq_len: int, optimizer_bytes: floa
     if fused_loss:
         from ..kernels.loss import CHUNK_BYTES
 
-        loss = 2 * CHUNK_BYTES + tokens * config.hidden_size * 4  # a chunk's logits and gradient, dh in float32
+        loss = CHUNK_BYTES + tokens * config.hidden_size * 4  # one chunk's logits (its gradient in place), dh
     else:
         loss = tokens * config.vocab_size * LOGIT_BYTES
     return int(grads + state + loss)
@@ -291,6 +304,8 @@ def plan_memory(
             plan = _speed_plan(model, n, batch, seq_len, free_bytes, reserve_bytes, autocast, device)
     if any(m in RECOMPUTED for m in plan.modes):
         plan = MemoryPlan(plan.modes, plan.line, recompute_rows(model, batch * seq_len, autocast))
+    if mode == "memory" and uses_fused_loss(model):
+        plan = dataclasses.replace(plan, loss_rows=memory_loss_rows(batch * seq_len))
     log.info(plan.line)
     return plan
 
@@ -307,7 +322,20 @@ def apply_plan(model: nn.Module, plan: MemoryPlan) -> str:
             pieced += mlps
     if pieced:
         line += f"; the MLP of {pieced} recomputed layer{'s' * (pieced > 1)} in pieces of {plan.mlp_rows} tokens"
+    set_loss_chunk_rows(model, plan.loss_rows)
+    if plan.loss_rows is not None:
+        line += f"; the loss in chunks of at most {plan.loss_rows} tokens"
     return line
+
+
+def memory_loss_rows(tokens: int) -> int:
+    """Tokens per fused-loss chunk under plan "memory": a power of two near an eighth of ``tokens``, at least 256.
+
+    Smaller chunks cost one read of the LM head each (at 256 rows the head's matmul is still compute-bound on an
+    H100), so they shrink with the batch only as far as its recomputed layers' memory shrinks with it.
+    """
+    rows = max(MIN_LOSS_ROWS, tokens // 8)
+    return 1 << (rows.bit_length() - 1)
 
 
 def _speed_plan(model, n, batch, seq_len, free_bytes, reserve_bytes, autocast, device) -> MemoryPlan:

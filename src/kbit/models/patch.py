@@ -27,6 +27,7 @@ from torch import nn
 
 from ..kernels import apply_rotary, linear_cross_entropy, rms_norm, swiglu
 from ..lora.fused import enable_fused_lora
+from ..lora.grouped import group_lora
 from ..lora.layer import LoRALinear
 
 log = logging.getLogger("kbit")
@@ -87,7 +88,8 @@ def apply_fast_path(model: nn.Module) -> str:
     adapters = sum(isinstance(m, LoRALinear) for m in hf.modules())
     fused = enable_fused_lora(hf)
     if fused:
-        done.append(f"LoRA with its base projection x{fused}")
+        groups = group_lora(hf)
+        done.append(f"LoRA with its base projection x{fused}" + f" ({groups} q/k/v or gate/up groups)" * (groups > 0))
     line = f"fast path for {model_type}: fused {', '.join(done)}"
     if kept:
         line += f"; kept transformers' {', '.join(kept)}"
@@ -102,6 +104,18 @@ def uses_fused_loss(model: nn.Module) -> bool:
     """True when ``model``'s forward computes the loss from hidden states in chunks (labels given, no logits)."""
     hf = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
     return getattr(hf.forward, "__func__", None) is _fused_loss_forward
+
+
+LOSS_CHUNK_ATTR = "_kbit_loss_chunk_rows"  # on the patched causal LM: None for the loss's own 256 MiB rule
+
+
+def set_loss_chunk_rows(model: nn.Module, rows: int | None) -> None:
+    """Run ``model``'s fused loss in chunks of at most ``rows`` tokens (None: its default); no-op unpatched."""
+    if rows is not None and rows < 1:
+        raise ValueError(f"loss chunk rows must be >= 1 or None, got {rows}")
+    if uses_fused_loss(model):
+        hf = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+        setattr(hf, LOSS_CHUNK_ATTR, rows)
 
 
 # ---- RMSNorm ----
@@ -429,6 +443,7 @@ def _fused_loss_forward(self: nn.Module, *args, **kwargs):
         "sum" if num_items is not None else "mean",
         ignore_index=ignore_index,
         softcap=getattr(self.config, "final_logit_softcapping", None),
+        max_chunk_rows=getattr(self, LOSS_CHUNK_ATTR, None),
     )
     if num_items is not None:  # transformers' token-normalised accumulation: sum / tokens of the whole step
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
