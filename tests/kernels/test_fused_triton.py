@@ -63,6 +63,9 @@ def test_rms_norm_kernel(dtype, rows, D, offset, round_normed):
     close(dw.float() / rows, dw_ref.float() / rows, "dweight")  # a sum over rows: compare the mean
     dx2, none = rmsnorm.rms_norm_backward(dy, x, w, rstd, offset, round_normed, False)
     assert none is None and torch.equal(dx2, dx)
+    wide = torch.cat([dy, rand(rows, 24, dtype=dtype, seed=3)], dim=1)  # dy as the first columns of a wider buffer
+    dx3, _ = rmsnorm.rms_norm_backward(wide[:, :D], x, w, rstd, offset, round_normed, False)
+    close(dx3, dx_ref, "dx from strided dy")
 
 
 # ---- SwiGLU ----

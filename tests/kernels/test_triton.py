@@ -146,6 +146,28 @@ def test_dequantize_4bit_nested_one_pass(quant_type, blocksize, dtype, gather):
     assert_same(out, expected, "dequantized")
 
 
+@pytest.mark.parametrize("shape", [(3, 64), (48, 200), (5, 4096)])  # one program spans rows / a row's part
+def test_dequantize_4bit_into_strided_rows(shape):
+    """Written into the first columns of a wider buffer: the same values, the other columns untouched."""
+    x = make_input(shape, torch.bfloat16, 64, "nf4", seed=5)
+    packed, absmax = ref_quant4(x, "nf4", 64)
+    state = blockwise4.compress_absmax(state_for(absmax, x, "nf4", 64))
+    expected = blockwise4.dequantize_4bit_ref(packed, blockwise4.dequantize_absmax(state), state, torch.bfloat16)
+    wide = torch.full((shape[0], shape[1] + 72), 7.0, dtype=torch.bfloat16, device=DEV)
+    out = quant4.dequantize_4bit(packed.to(DEV), state.to(DEV), torch.bfloat16, words_per_program=16,
+                                 out=wide[:, : shape[1]])  # fmt: skip
+    assert out.data_ptr() == wide.data_ptr()
+    assert_same(wide[:, : shape[1]], expected, "dequantized")
+    assert bool((wide[:, shape[1] :] == 7).all())
+    with pytest.raises(ValueError, match="rows of a multiple of 8"):
+        quant4.dequantize_4bit(
+            packed.to(DEV),
+            state.to(DEV),
+            torch.bfloat16,
+            out=torch.zeros(shape[::-1], dtype=torch.bfloat16, device=DEV).t(),
+        )  # columns apart
+
+
 @pytest.mark.parametrize("compress", [False, True])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("blocksize", blockwise4.BLOCKSIZES_4BIT)

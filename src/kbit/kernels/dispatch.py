@@ -40,13 +40,16 @@ def quantize_4bit(x: torch.Tensor, quant_type: str, blocksize: int) -> tuple[tor
     return blockwise4.quantize_4bit_ref(x, quant_type, blocksize)
 
 
-def dequantize_4bit(raw: torch.Tensor, state: QuantState, out_dtype: torch.dtype) -> torch.Tensor:
-    """Dequantize flat packed bytes with ``state`` (double quant included)."""
+def dequantize_4bit(
+    raw: torch.Tensor, state: QuantState, out_dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dequantize flat packed bytes with ``state`` (double quant included); into ``out`` (rows may be strided)."""
     if use_triton(raw):
         from .triton import quant4
 
-        return quant4.dequantize_4bit(raw, state, out_dtype)
-    return blockwise4.dequantize_4bit_ref(raw, blockwise4.dequantize_absmax(state), state, out_dtype)
+        return quant4.dequantize_4bit(raw, state, out_dtype, out=out)
+    w = blockwise4.dequantize_4bit_ref(raw, blockwise4.dequantize_absmax(state), state, out_dtype)
+    return w if out is None else out.copy_(w)
 
 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:

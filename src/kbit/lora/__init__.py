@@ -2,6 +2,7 @@
 
 from .adapters import active_adapter, adapter_active, adapter_tensors, list_adapters, set_adapter
 from .fused import enable_fused_lora
+from .grouped import group_lora
 from .inject import (
     LoraSettings,
     add_lora,
@@ -26,6 +27,7 @@ __all__ = [
     "apply_lora",
     "enable_fused_lora",
     "find_targets",
+    "group_lora",
     "is_linear_like",
     "is_quantized_linear",
     "list_adapters",

@@ -96,6 +96,8 @@ class LoRALinear(nn.Module):
         self.enabled = True
         # On: base and adapter run as one node (kbit.lora.fused) whenever kbit.lora.fused.fusable holds.
         self.fused = False
+        # Set by kbit.lora.group_lora: the siblings reading the same input, run with this one as one node.
+        self.group = None
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
         device = module_device(base_layer)
@@ -138,6 +140,9 @@ class LoRALinear(nn.Module):
         if not self.enabled:
             return self.base_layer(x)
         if self.fused and fusable(self, x):
+            y = self.group.output(self, x) if self.group is not None else None
+            if y is not None:
+                return y
             weight = partial(base_weight, self.base_layer)  # called in forward and backward, never stored dense
             return lora_linear(x, weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scale)
         result = self.base_layer(x)

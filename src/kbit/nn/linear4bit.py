@@ -175,9 +175,10 @@ class Linear4bit(nn.Module):
             nested_dtype=self.nested_dtype,
         )
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight [out_features, in_features] in ``dtype`` (default ``compute_dtype``)."""
-        return dequantize_4bit(self._packed(), self.quant_state, out_dtype=dtype or self.compute_dtype)
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight [out_features, in_features] in ``dtype`` (default ``compute_dtype``), or written into ``out``
+        (that shape, rows possibly strided: the first columns of a wider buffer)."""
+        return dequantize_4bit(self._packed(), self.quant_state, out_dtype=dtype or self.compute_dtype, out=out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W^T + b`` computed in ``compute_dtype``, returned in ``x.dtype``; no state is modified."""

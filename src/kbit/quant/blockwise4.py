@@ -81,8 +81,15 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
     )
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dequantize ``packed`` (any storage dtype) to ``state.shape`` in ``out_dtype`` (default ``state.dtype``)."""
+def dequantize_4bit(
+    packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dequantize ``packed`` (any storage dtype) to ``state.shape`` in ``out_dtype`` (default ``state.dtype``), or
+    into ``out`` (that shape; its rows may be strided: the first columns of a wider buffer)."""
+    if out is not None:
+        if out.shape != state.shape:
+            raise ValueError(f"dequantize_4bit: out is {tuple(out.shape)} but the weight is {tuple(state.shape)}")
+        out_dtype = out.dtype
     out_dtype = state.dtype if out_dtype is None else out_dtype
     validate.check_out_dtype(out_dtype)
     check_quant_type(state.quant_type)
@@ -94,7 +101,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, out_dtype: torch.dt
     raw = raw[:need]
     from ..kernels import dispatch
 
-    return dispatch.dequantize_4bit(raw, state, out_dtype)
+    return dispatch.dequantize_4bit(raw, state, out_dtype, out)
 
 
 def view_storage(packed_u8: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:

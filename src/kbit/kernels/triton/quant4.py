@@ -96,11 +96,14 @@ def _dequantize_4bit_kernel(
     out_ptr,
     n,
     nwords,
+    cols,  # the weight's columns (with STRIDED: a multiple of 8, so a word never straddles two rows)
+    ld,  # the output's row stride in elements (STRIDED only)
     BS: tl.constexpr,  # quantization blocksize (>= 32, so a word never straddles two blocks)
     WORDS: tl.constexpr,  # words per program
     NESTED: tl.constexpr,
     NESTED_BS: tl.constexpr,
     GATHER: tl.constexpr,  # table lookup by tl.gather (True) or by a global-memory load (False)
+    STRIDED: tl.constexpr,  # rows written ``ld`` elements apart (into a wider buffer) instead of back to back
 ):
     pid = tl.program_id(0).to(tl.int64)
     w = pid * WORDS + tl.arange(0, WORDS)  # [WORDS]
@@ -129,7 +132,15 @@ def _dequantize_4bit_kernel(
         vals = tl.load(code_ptr + codes)
     v = mul_rn(vals, tl.broadcast_to(am[:, None], (WORDS, 8)))
     o = w[:, None] * 8 + j[None, :]  # [WORDS, 8] output indices, row-major: one contiguous run
-    tl.store(out_ptr + o, round_to(v, out_ptr.dtype.element_ty), mask=o < n)
+    mask = o < n
+    if STRIDED:
+        # One 64-bit division per program; the words' rows then follow in 32 bits (a program spans few rows).
+        first = pid * WORDS * 8
+        row0, col0 = first // cols, first % cols
+        c = col0.to(tl.int32) + tl.arange(0, WORDS) * 8
+        rows = c // cols
+        o = (row0 + rows).to(tl.int64)[:, None] * ld + (c - rows * cols)[:, None] + j[None, :]
+    tl.store(out_ptr + o, round_to(v, out_ptr.dtype.element_ty), mask=mask)
 
 
 @functools.cache
@@ -173,8 +184,10 @@ def dequantize_4bit(
     words_per_program: int = DEQUANT_WORDS,
     num_warps: int = DEQUANT_WARPS,
     gather: bool = DEQUANT_GATHER,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dequantize flat packed CUDA bytes with ``state`` to ``state.shape`` in one pass (double quant too)."""
+    """Dequantize flat packed CUDA bytes with ``state`` to ``state.shape`` in one pass (double quant too); into
+    ``out`` when given (``state.shape``, rows may be strided: a 2-D weight written into columns of a wider buffer)."""
     n = state.shape.numel()
     dev = raw.device
     raw = raw.contiguous()
@@ -184,7 +197,13 @@ def dequantize_4bit(
         padded[: raw.numel()] = raw
         raw = padded
     words = raw.view(torch.int32)
-    out = torch.empty(state.shape, dtype=out_dtype, device=dev)
+    strided = out is not None and not out.is_contiguous()
+    if out is None:
+        out = torch.empty(state.shape, dtype=out_dtype, device=dev)
+    elif strided and (out.dim() != 2 or out.stride(1) != 1 or out.shape[1] % 8):
+        raise ValueError(f"dequantize_4bit: out must be contiguous or 2-D rows of a multiple of 8 elements, got "
+                         f"shape {tuple(out.shape)} strides {out.stride()}")  # fmt: skip
+    cols, ld = (out.shape[1], out.stride(0)) if strided else (1, 1)
     code = state.code.to(dev, torch.float32)
     if state.nested:
         extra = (state.nested_absmax.to(dev), state.nested_code.to(dev, torch.float32), state.offset.to(dev))
@@ -201,11 +220,14 @@ def dequantize_4bit(
         out,
         n,
         words.numel(),
+        cols,
+        ld,
         BS=state.blocksize,
         WORDS=words_per_program,
         NESTED=state.nested,
         NESTED_BS=nested_bs,
         GATHER=gather,
+        STRIDED=strided,
         num_warps=num_warps,
     )
     return out

@@ -56,6 +56,7 @@ def _rms_norm_bwd_kernel(
     dw_part_ptr,  # [programs, D] float32 partial sums of dweight (only when NEED_DW)
     rows,
     D,
+    dy_ld,  # dy's row stride: a grouped LoRA node hands back the first D columns of a wider buffer
     offset,
     tiles,
     BLOCK: tl.constexpr,
@@ -72,7 +73,7 @@ def _rms_norm_bwd_kernel(
         live = (r[:, None] < rows) & (c[None, :] < D)
         offs = r[:, None] * D + c[None, :]
         x = tl.load(x_ptr + offs, mask=live, other=0.0).to(tl.float32)
-        g = tl.load(dy_ptr + offs, mask=live, other=0.0).to(tl.float32)
+        g = tl.load(dy_ptr + r[:, None] * dy_ld + c[None, :], mask=live, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + r, mask=r < rows, other=0.0)
         n = x * rstd[:, None]
         gw = g * w[None, :]
@@ -133,8 +134,10 @@ def rms_norm_backward(
     round_normed: bool,
     need_dweight: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(dx like x, dweight like weight or None)."""
-    dy, x = dy.contiguous(), x.contiguous()
+    """(dx like x, dweight like weight or None); ``dy``'s rows may be strided."""
+    x = x.contiguous()
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
     rows, D = x.shape
     dx = torch.empty_like(x)
     block, per = _tiling(D)
@@ -150,6 +153,7 @@ def rms_norm_backward(
         part,
         rows,
         D,
+        dy.stride(0),
         offset,
         tiles,
         BLOCK=block,
