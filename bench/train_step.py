@@ -9,7 +9,8 @@
 
 Model: bench/train_memory.py's random Llama of the preset's shape (NF4 + double quant built directly on the device,
 nothing downloaded; ``--layers N`` keeps the first N decoder layers' shape with fewer of them), LoRA r=16 alpha 32
-dropout 0 on all seven projections (bf16), torch fused AdamW over the adapters, random tokens, loss on every
+dropout 0 on all seven projections (bf16), torch fused AdamW over the adapters (``--optim``: another of kbit's
+optimizers, e.g. paged_adamw_8bit, whose state waits in pinned host memory), random tokens, loss on every
 position. kbit modes (one process, in this order, since the fast path patches the model in place):
   reference       transformers' modules, full non-reentrant checkpointing, loss from float32 logits (the trainer's)
   fast-full       apply_fast_path (fused RMSNorm/SwiGLU/RoPE, chunked LM-head cross-entropy), full checkpointing
@@ -240,19 +241,31 @@ def train_step(model, opt, mode: str, ids: torch.Tensor, marks: dict | None = No
 
 
 def run_mode(model, config, mode: str, batch: int, seq_len: int, warmup: int, steps: int, device: str,
-             profile: bool = False, trace: Path | None = None) -> dict:  # fmt: skip
+             profile: bool = False, trace: Path | None = None, optim: str = "adamw",
+             cuda_graph: bool = False) -> dict:  # fmt: skip
     """Time one mode at one batch size; the row of the table as a dict (or {'oom': True}); with ``profile``, one more
-    step under torch.profiler, its time per kernel class in the row's 'profile'."""
+    step under torch.profiler, its time per kernel class in the row's 'profile'. With ``cuda_graph`` the step is
+    captured in the last warm-up step and replayed (kbit.train.cuda_graph; peak memory then counts from the capture)."""
     from kbit.models.offload import reset_pinned_host_peak
+    from kbit.optim import build_optimizer
+    from kbit.train.cuda_graph import GraphedStep, check_graphable
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
+    graphed = None
+    if cuda_graph:
+        if optim != "adamw" or warmup < 1:
+            raise SystemExit("train_step: --cuda-graph needs --optim adamw (torch's, capturable) and --warmup >= 1")
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=True)
+        check_graphable(model, opt)
+        graphed = GraphedStep(lambda b, o=opt: train_step(model, o, mode, b["ids"]), warmup=warmup - 1)
+    else:
+        opt = build_optimizer(optim, params, lr=1e-4)
     times = []
     loss = None
     first: dict = {}  # the first timed step's marks (train_step)
     try:
         for i in range(warmup + steps):
-            if i == warmup and device == "cuda":
+            if i == warmup - (graphed is not None) and device == "cuda":  # with a graph: from its capture on
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 reset_pinned_host_peak()
@@ -261,8 +274,8 @@ def run_mode(model, config, mode: str, batch: int, seq_len: int, warmup: int, st
             ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
             sync(device)
             t = time.perf_counter()
-            marks = {} if i == warmup and device == "cuda" else None  # the first timed step, right after the reset
-            loss = train_step(model, opt, mode, ids, marks)
+            marks = {} if i == warmup and device == "cuda" and not graphed else None  # the first timed step
+            loss = graphed.step({"ids": ids}) if graphed else train_step(model, opt, mode, ids, marks)
             sync(device)
             times.append(time.perf_counter() - t)
             if marks is not None:
@@ -274,7 +287,9 @@ def run_mode(model, config, mode: str, batch: int, seq_len: int, warmup: int, st
             row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
             row |= memory_breakdown(model, opt, row["peak_alloc_gib"], first)
         row |= host_row(device)
-        if profile:
+        if profile and graphed:
+            print("  (--profile: not with --cuda-graph; the replayed kernels have no launching ops to class by)")
+        elif profile:
             ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
             one_step = functools.partial(train_step, model, opt, mode, ids)
             row["profile"] = profile_step(one_step, device, config.vocab_size, trace)
@@ -468,6 +483,8 @@ def sdpa_context(backend: str):
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run kbit's modes (and the peers) at each batch size and print one table; returns its rows."""
+    from kbit.optim import OPTIMIZERS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama-3-8b", help="a kbit.estimate preset, or 'tiny' (CPU smoke test)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's)")
@@ -483,12 +500,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--sdpa-backend", default="auto", choices=SDPA_BACKENDS, help="restrict PyTorch's attention")
     ap.add_argument("--profile", action="store_true", help="one more step per row under torch.profiler: time by class")
     ap.add_argument("--trace", type=Path, default=None, help="with --profile: write the last row's Chrome trace here")
+    ap.add_argument(
+        "--optim",
+        default="adamw",
+        choices=OPTIMIZERS,
+        help="kbit rows' optimizer (kbit.optim.build_optimizer; adamw: torch's fused AdamW)",
+    )
+    ap.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="capture each kbit step in a CUDA graph and replay it (kbit.train.cuda_graph; not offload)",
+    )
+    ap.add_argument(
+        "--lora-groups",
+        default="on",
+        choices=("on", "off"),
+        help="off: every LoRA projection its own fused node (kbit.lora.grouped's groups undone)",
+    )
     ap.add_argument("--peers", nargs="*", default=[], choices=list(PEERS))
     ap.add_argument("--peer-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "bench")
     ap.add_argument("--out", type=Path, default=None, help="also write the rows as JSON lines here")
     args = ap.parse_args(argv)
     if args.mlp_chunk is not None and args.mlp_chunk < 0:
         ap.error(f"--mlp-chunk must be 0 (never) or a number of tokens, got {args.mlp_chunk}")
+    from kbit.lora import group_lora
     from kbit.models.patch import apply_fast_path, mlp_chunking
 
     t = time.perf_counter()
@@ -509,13 +544,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for mode in [m for m in MODES if m in args.modes]:  # reference first: the fast path patches in place
         if mode != "reference":
             print(apply_fast_path(model), flush=True)
+            if args.lora_groups == "off":
+                print(f"LoRA groups off: {group_lora(model, on=False)} grouped", flush=True)
         for b in args.batches:
             chunking = mlp_chunking(model, args.mlp_chunk) if args.mlp_chunk is not None else contextlib.nullcontext()
             with chunking, sdpa_context(args.sdpa_backend):
                 line, recomputed, modes = set_mode(model, mode, b, args.seq_len)
                 print(line, flush=True)
-                stack = f"kbit {mode}" + (
-                    f" ({recomputed}/{config.num_hidden_layers} recomputed)" * (mode == "fast-auto")
+                stack = (
+                    f"kbit {mode}"
+                    + (f" ({recomputed}/{config.num_hidden_layers} recomputed)" * (mode == "fast-auto"))
+                    + f", {args.optim}" * (args.optim != "adamw")
+                    + ", CUDA graph" * args.cuda_graph
                 )
                 row = {"stack": stack, "batch": b, "recomputed_layers": recomputed}
                 need, avail = pinned_need(model, modes, mode, b, args.seq_len), host_available()
@@ -525,7 +565,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                       "available")  # fmt: skip
                 else:
                     row |= run_mode(model, config, mode, b, args.seq_len, args.warmup, args.steps, args.device,
-                                    args.profile, args.trace)  # fmt: skip
+                                    args.profile, args.trace, args.optim, args.cuda_graph)  # fmt: skip
             if "tokens_per_s" in row:
                 share = recomputed / config.num_hidden_layers
                 recompute = model_flops + share * (hw_flops - model_flops)
