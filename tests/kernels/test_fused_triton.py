@@ -57,6 +57,11 @@ def test_rms_norm_kernel(dtype, rows, D, offset, round_normed):
     y_ref, rstd_ref = norm.rms_norm_forward_ref(x, w, 1e-6, offset, round_normed, dtype)
     close(y, y_ref, "y")
     torch.testing.assert_close(rstd, rstd_ref, **F32)
+    wide = torch.full((rows, D + 24), 7.0, dtype=dtype, device=DEV)  # y as the first columns of a wider buffer
+    rmsnorm.rms_norm_forward(x, w, 1e-6, offset, round_normed, dtype, out=wide[:, :D])
+    # close, not equal: the row stride can change the tile's layout on a GPU, so the order of the row sum
+    close(wide[:, :D], y_ref, "y into strided rows")
+    assert bool((wide[:, D:] == 7).all())
     dx, dw = rmsnorm.rms_norm_backward(dy, x, w, rstd, offset, round_normed, True)
     dx_ref, dw_ref = norm.rms_norm_backward_ref(dy, x, w, rstd_ref, offset, round_normed, True)
     close(dx, dx_ref, "dx")

@@ -250,6 +250,8 @@ def test_model_step_equals_unfused(plan: str) -> None:
         models.append(model)
     assert enable_fused_lora(models[0]) == 2 * 7
     assert "x14 (4 q/k/v or gate/up groups)" in apply_fast_path(models[0])  # kbit.lora.grouped's nodes
+    layer = models[0].model.layers[0]  # the norms feeding the groups leave them 64 - 64 + 64 spare columns
+    assert layer.input_layernorm._kbit_spare_cols == layer.post_attention_layernorm._kbit_spare_cols == 64
     set_checkpointing(models[0], plan)
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(6))
     with mlp_chunking(models[0], 8):

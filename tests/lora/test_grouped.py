@@ -214,3 +214,25 @@ def test_gpu_training_shape_matches_unfused():
     for name in grads0:
         if name != "x strides":
             near(grads[name], grads0[name], dtype, name)
+
+
+def test_norm_output_with_spare_columns_is_widened_in_place():
+    """An RMSNorm output made with the group's spare columns is X itself (no copy), also for a row range of it."""
+    from kbit.kernels import rms_norm
+
+    grouped, plain = twins(torch.float32)
+    group = grouped.q_proj.group
+    assert group.spare_cols() == 128 - IN
+    h, dys = data(torch.float32)
+    w = torch.ones(IN)
+    for rows in (slice(None), slice(1, 2)):  # the whole batch, and one sequence of it (a chunked MLP's piece)
+        x = rms_norm(h, w, 1e-6, spare_cols=group.spare_cols())[rows]
+        assert x.stride()[-2] == 128 and torch.equal(x, rms_norm(h, w, 1e-6)[rows])
+        ys = [getattr(grouped, n)(x) for n in OUTS]
+        wide = ys[0].grad_fn.saved_tensors[0]
+        assert wide.data_ptr() == x.data_ptr() and wide.shape == (x.shape[0] * x.shape[1], 128)
+        for y, name in zip(ys, OUTS, strict=True):
+            near(y.detach(), getattr(plain, name)(x).detach(), torch.float32, name)
+        torch.autograd.backward(ys, [dys[n][rows] for n in OUTS])  # the norm's backward takes strided dy
+        assert h.grad is not None and bool(torch.isfinite(h.grad).all())
+        h.grad = None

@@ -25,16 +25,23 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm_forward_ref(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, round_normed: bool, out_dtype: torch.dtype
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    offset: float,
+    round_normed: bool,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [rows, D] in ``out_dtype``, rstd [rows] float32 or float64) for a 2-D ``x``: the PyTorch reference."""
+    """(y [rows, D] in ``out_dtype``, rstd [rows] float32 or float64) for a 2-D ``x``: the PyTorch reference; y
+    copied into ``out`` if given."""
     xf = _acc(x)
     rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)  # [rows]
     n = xf * rstd[:, None]
     if round_normed:
         n = n.to(x.dtype).to(xf.dtype)
-    y = n * (_acc(weight) + offset)
-    return y.to(out_dtype), rstd
+    y = (n * (_acc(weight) + offset)).to(out_dtype)
+    return (y if out is None else out.copy_(y)), rstd
 
 
 def rms_norm_backward_ref(
@@ -70,10 +77,15 @@ class RMSNormFunction(torch.autograd.Function):
     """y = x · rstd · (w + offset) over the last dim, with the fused backward above."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps, offset, round_normed, out_dtype):
+    def forward(ctx, x, weight, eps, offset, round_normed, out_dtype, spare_cols):
         fwd, bwd = _impl(x)
         x2 = x.reshape(-1, x.shape[-1])
-        y, rstd = fwd(x2, weight, eps, offset, round_normed, out_dtype)
+        out = None
+        if spare_cols:
+            wide = torch.empty((x2.shape[0], x2.shape[1] + spare_cols), dtype=out_dtype, device=x.device)
+            wide.kbit_spare_from = x2.shape[1]  # the columns from here on are scratch (kbit.lora.grouped fills them)
+            out = wide[:, : x2.shape[1]]
+        y, rstd = fwd(x2, weight, eps, offset, round_normed, out_dtype, out=out)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.bwd, ctx.offset, ctx.round_normed = bwd, offset, round_normed
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -84,7 +96,7 @@ class RMSNormFunction(torch.autograd.Function):
         need_dw = ctx.needs_input_grad[1]
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx, dw = ctx.bwd(dy2, x2, weight, rstd, ctx.offset, ctx.round_normed, need_dw)
-        return dx.view(dy.shape), dw, None, None, None, None
+        return dx.view(dy.shape), dw, None, None, None, None, None
 
 
 def rms_norm(
@@ -94,8 +106,11 @@ def rms_norm(
     offset: float = 0.0,
     round_normed: bool = False,
     out_dtype: torch.dtype | None = None,
+    spare_cols: int = 0,
 ) -> torch.Tensor:
-    """RMSNorm of ``x`` over its last dim times ``weight + offset``; Triton on CUDA, PyTorch elsewhere."""
+    """RMSNorm of ``x`` over its last dim times ``weight + offset``; Triton on CUDA, PyTorch elsewhere. With
+    ``spare_cols`` the result is the first columns of a buffer that many columns wider, the rest scratch space
+    (marked ``kbit_spare_from`` on the buffer) that a grouped LoRA node fills instead of copying the result."""
     if x.shape[-1] != weight.shape[-1]:
         raise ValueError(f"rms_norm: x has {x.shape[-1]} features but the weight {weight.shape[-1]}")
-    return RMSNormFunction.apply(x, weight, float(eps), float(offset), round_normed, out_dtype or x.dtype)
+    return RMSNormFunction.apply(x, weight, float(eps), float(offset), round_normed, out_dtype or x.dtype, spare_cols)

@@ -26,6 +26,9 @@ which holds x and xa as the per-projection nodes save them. It runs where every 
 checkpointing (which caches op outputs and would have to see the in-place accumulation), takes the per-projection
 path.
 
+When the shared input is an RMSNorm output the fast path made with spare columns (:func:`kbit.kernels.rms_norm`'s
+``spare_cols``, set per family by :func:`kbit.models.patch.apply_fast_path`), X is that buffer and x is not copied.
+
 The model calls the members one at a time (``self.q_proj(x)``, then k, then v), so the first member called runs the
 whole group and keeps the others' outputs for their calls on the same ``x``: same tensor object, unchanged since,
 with the same adapter weights and grad mode. Any other call recomputes.
@@ -55,6 +58,24 @@ def _wide_weight(base: Linear4bit, lora_b: torch.Tensor, scale: float, lo: int, 
     return w
 
 
+def group_width(k: int, ranks: list[int]) -> int:
+    """Columns of the widened input: K plus the ranks, padded to a multiple of :data:`K_ALIGN`."""
+    return -(-(k + sum(ranks)) // K_ALIGN) * K_ALIGN
+
+
+def _spare_columns(x2: torch.Tensor, width: int) -> torch.Tensor | None:
+    """The widened input in place: ``x2`` [M, K] already sits in the first columns of rows ``width`` wide whose
+    other columns are scratch (an RMSNorm output made with ``spare_cols``, or a row range of one); else None."""
+    base = x2._base
+    if base is None or getattr(base, "kbit_spare_from", None) != x2.shape[1] or base.stride() != (width, 1):
+        return None
+    if x2.stride() != (width, 1) or (x2.storage_offset() - base.storage_offset()) % width:
+        return None
+    # Through .data: writing the scratch columns changes no value of x or of any tensor autograd tracks, and must
+    # not bump x's version (autograd forbids in-place changes to views made inside a custom Function, the norm's).
+    return base.data.as_strided((x2.shape[0], width), (width, 1), x2.storage_offset())
+
+
 class GroupedLoRAFunction(torch.autograd.Function):
     """``y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T`` for every member i, as one node (module docstring)."""
 
@@ -66,9 +87,11 @@ class GroupedLoRAFunction(torch.autograd.Function):
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
         ranks = [a.shape[0] for a in lora_as]
-        width = -(-(k + sum(ranks)) // K_ALIGN) * K_ALIGN
-        wide = torch.empty((x2.shape[0], width), dtype=x.dtype, device=x.device)
-        wide[:, :k] = x2
+        width = group_width(k, ranks)
+        wide = _spare_columns(x2, width)
+        if wide is None:
+            wide = torch.empty((x2.shape[0], width), dtype=x.dtype, device=x.device)
+            wide[:, :k] = x2
         wide[:, k : k + sum(ranks)] = x2 @ torch.cat(lora_as).t()  # xa of every member, one GEMM
         wide[:, k + sum(ranks) :].zero_()
         ys, lo = [], k
@@ -137,6 +160,11 @@ class ProjectionGroup:
         if _get_current_dispatch_mode() is not None or x.shape[-1] % 8:
             return False
         return all(isinstance(m.base_layer, Linear4bit) and fusable(m, x) for m in self.members)
+
+    def spare_cols(self) -> int:
+        """Columns the shared input needs beside its own for this group's node to widen it in place."""
+        k = self.members[0].in_features
+        return group_width(k, [m.r for m in self.members]) - k
 
     def output(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """``member``'s output on ``x``, from the group's node; None when the group cannot run on ``x``."""

@@ -42,6 +42,11 @@ class Family:
     norm_offset: float = 0.0  # Gemma scales by (1 + w)
     round_normed: bool = True  # Llama: weight * normed.to(input_dtype); Gemma: (normed * (1 + w)).to(dtype)
     fused_gate_up: bool = False  # Phi3: one gate_up_proj, split in halves
+    # (norm, projection) per decoder layer: the norm's output is the input of that projection's LoRA group
+    feeds: tuple[tuple[str, str], ...] = (
+        ("input_layernorm", "self_attn.q_proj"),
+        ("post_attention_layernorm", "mlp.gate_proj"),
+    )
 
 
 FAMILIES = {
@@ -49,7 +54,12 @@ FAMILIES = {
     "mistral": Family("Mistral"),
     "qwen2": Family("Qwen2"),
     "qwen3": Family("Qwen3"),
-    "gemma2": Family("Gemma2", norm_offset=1.0, round_normed=False),
+    "gemma2": Family(
+        "Gemma2",
+        norm_offset=1.0,
+        round_normed=False,
+        feeds=(("input_layernorm", "self_attn.q_proj"), ("pre_feedforward_layernorm", "mlp.gate_proj")),
+    ),
     "phi3": Family("Phi3", fused_gate_up=True),
 }
 SWIGLU_ACTS = ("silu", "swish")
@@ -89,6 +99,7 @@ def apply_fast_path(model: nn.Module) -> str:
     fused = enable_fused_lora(hf)
     if fused:
         groups = group_lora(hf)
+        _widen_group_inputs(hf, family)
         done.append(f"LoRA with its base projection x{fused}" + f" ({groups} q/k/v or gate/up groups)" * (groups > 0))
     line = f"fast path for {model_type}: fused {', '.join(done)}"
     if kept:
@@ -125,7 +136,28 @@ def _norm_forward(self: nn.Module, x: torch.Tensor, offset: float, round_normed:
     eps = self.variance_epsilon if hasattr(self, "variance_epsilon") else self.eps
     # Llama's `weight * normed.to(input_dtype)` promotes; Gemma's `.type_as(x)` keeps x's dtype.
     out_dtype = torch.promote_types(self.weight.dtype, x.dtype) if round_normed else x.dtype
-    return rms_norm(x, self.weight, eps, offset, round_normed, out_dtype)
+    return rms_norm(x, self.weight, eps, offset, round_normed, out_dtype, getattr(self, SPARE_COLS_ATTR, 0))
+
+
+SPARE_COLS_ATTR = "_kbit_spare_cols"  # on a patched norm whose output feeds a LoRA group: columns to leave spare
+
+
+def _widen_group_inputs(model: nn.Module, family: Family) -> None:
+    """Have each norm that feeds a LoRA group make its output with the group's spare columns (no copy of x)."""
+    from .checkpointing import decoder_layers
+
+    for layer in decoder_layers(model):
+        for norm_name, proj_name in family.feeds:
+            norm, proj = getattr(layer, norm_name, None), _get(layer, proj_name)
+            group = getattr(proj, "group", None)
+            if norm is not None and hasattr(norm, "weight"):
+                setattr(norm, SPARE_COLS_ATTR, group.spare_cols() if group is not None else 0)
+
+
+def _get(module: nn.Module, path: str) -> nn.Module | None:
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return module
 
 
 def _patch_norms(model: nn.Module, family: Family) -> int:

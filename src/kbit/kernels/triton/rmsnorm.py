@@ -25,6 +25,7 @@ def _rms_norm_fwd_kernel(
     rstd_ptr,
     rows,
     D,
+    y_ld,  # y's row stride: D, or wider when y is the first columns of a buffer (rms_norm's spare_cols)
     eps,
     offset,
     BLOCK: tl.constexpr,
@@ -42,7 +43,7 @@ def _rms_norm_fwd_kernel(
     if ROUND:
         n = n.to(x_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + c, mask=c < D, other=0.0).to(tl.float32) + offset
-    tl.store(y_ptr + offs, (n * w[None, :]).to(y_ptr.dtype.element_ty), mask=live)
+    tl.store(y_ptr + r[:, None] * y_ld + c[None, :], (n * w[None, :]).to(y_ptr.dtype.element_ty), mask=live)
     tl.store(rstd_ptr + r, rstd, mask=r < rows)
 
 
@@ -100,12 +101,19 @@ def _programs(device: torch.device, tiles: int) -> int:
 
 
 def rms_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, round_normed: bool, out_dtype: torch.dtype
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    offset: float,
+    round_normed: bool,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y [rows, D] in ``out_dtype``, rstd [rows] float32) for a 2-D ``x``."""
+    """(y [rows, D] in ``out_dtype``, rstd [rows] float32) for a 2-D ``x``; y written into ``out`` if given (its
+    rows may be strided)."""
     x = x.contiguous()
     rows, D = x.shape
-    y = torch.empty((rows, D), dtype=out_dtype, device=x.device)
+    y = torch.empty((rows, D), dtype=out_dtype, device=x.device) if out is None else out
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     block, per = _tiling(D)
     _rms_norm_fwd_kernel[(triton.cdiv(rows, per),)](
@@ -115,6 +123,7 @@ def rms_norm_forward(
         rstd,
         rows,
         D,
+        y.stride(0),
         eps,
         offset,
         BLOCK=block,
