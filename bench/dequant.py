@@ -9,7 +9,8 @@ measured in the same run (bytes read + written per second). Each kernel is timed
 - do_bench: ``triton.testing.do_bench`` (L2 flushed before each call), median.
 
 Bytes counted: packed weights + block statistics (fp32 absmax, or uint8 codes + nested absmax + nested map +
-offset under double quant) + the 16-entry table read, and the bf16 output written.
+offset under double quant) + the 16-entry table read, and the bf16 output written. "into strided rows" times the
+same dequantization written into the first columns of a buffer 64 columns wider (kbit.lora.grouped's weights).
 
 Usage (CUDA machine, bitsandbytes with CUDA on PYTHONPATH): python bench/dequant.py [--sweep] [--out DIR]
 """
@@ -142,6 +143,10 @@ def bench_case(F, shape: tuple[int, int], nested: bool, sweep: bool, copy_bw: fl
     def bnb_call(inp):
         return F.dequantize_4bit(inp[0], inp[1])
 
+    def strided_call(inp):  # into the first columns of a buffer 64 wider (kbit.lora.grouped's widened weight)
+        out = torch.empty(shape[0], shape[1] + 64, dtype=torch.bfloat16, device="cuda")
+        return kq.dequantize_4bit(inp[0], inp[1], out=out[:, : shape[1]])
+
     nbytes = dequant_bytes(n, 64, nested)
     row = {
         "shape": list(shape),
@@ -150,7 +155,9 @@ def bench_case(F, shape: tuple[int, int], nested: bool, sweep: bool, copy_bw: fl
         "rotated_sets": sets,
         "values_differing_from_bnb": differ,
     }
-    for name, fn, inputs in (("kbit", kbit_call, kb_inputs), ("bnb", bnb_call, bnb_inputs)):
+    assert torch.equal(strided_call(kb_inputs[0]), ours), "strided rows changed the values"
+    cases = (("kbit", kbit_call, kb_inputs), ("kbit_strided", strided_call, kb_inputs), ("bnb", bnb_call, bnb_inputs))
+    for name, fn, inputs in cases:
         try:
             row[f"{name}_graph_us"] = time_graph(fn, inputs)
         except Exception as e:  # noqa: BLE001 - a library that cannot be captured is timed by do_bench alone
@@ -186,8 +193,8 @@ def markdown(rows: list[dict], copy_bw: float) -> str:
         f"copy bandwidth (read + write, 1 GiB copy): {copy_bw / 1e12:.2f} TB/s",
         "",
         "| weight | DQ | MB moved | kbit µs | kbit TB/s | kbit % of copy | bnb µs | bnb TB/s | bnb % of copy "
-        "| bnb/kbit time | kbit do_bench µs | bnb do_bench µs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| bnb/kbit time | kbit do_bench µs | bnb do_bench µs | kbit into strided rows µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         k = r.get("kbit_graph_us", float("nan"))
@@ -198,7 +205,7 @@ def markdown(rows: list[dict], copy_bw: float) -> str:
             f"| {r['shape'][0]}x{r['shape'][1]} | {dq} | {r['bytes'] / 1e6:.1f} "
             f"| {k:.1f} | {tk / 1e12:.2f} | {100 * tk / copy_bw:.0f}% | {b:.1f} | {tbb / 1e12:.2f} "
             f"| {100 * tbb / copy_bw:.0f}% | {b / k:.2f}x | {r['kbit_do_bench_us']:.1f} "
-            f"| {r['bnb_do_bench_us']:.1f} |"
+            f"| {r['bnb_do_bench_us']:.1f} | {r.get('kbit_strided_graph_us', float('nan')):.1f} |"
         )
     quant = [r for r in rows if "kbit_quant_us" in r]
     if quant:

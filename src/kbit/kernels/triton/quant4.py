@@ -96,8 +96,8 @@ def _dequantize_4bit_kernel(
     out_ptr,
     n,
     nwords,
-    cols,  # the weight's columns (with STRIDED: a multiple of 8, so a word never straddles two rows)
-    ld,  # the output's row stride in elements (STRIDED only)
+    row_words,  # STRIDED: words per row of the weight (its columns / 8: a word never straddles two rows)
+    ld,  # STRIDED: the output's row stride in elements
     BS: tl.constexpr,  # quantization blocksize (>= 32, so a word never straddles two blocks)
     WORDS: tl.constexpr,  # words per program
     NESTED: tl.constexpr,
@@ -105,9 +105,15 @@ def _dequantize_4bit_kernel(
     GATHER: tl.constexpr,  # table lookup by tl.gather (True) or by a global-memory load (False)
     STRIDED: tl.constexpr,  # rows written ``ld`` elements apart (into a wider buffer) instead of back to back
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    w = pid * WORDS + tl.arange(0, WORDS)  # [WORDS]
-    live = w < nwords
+    if STRIDED:  # a 2-D grid, (row, words of the row): no division, and each row's run stays visibly contiguous
+        row = tl.program_id(0).to(tl.int64)
+        cw = tl.program_id(1) * WORDS + tl.arange(0, WORDS)  # [WORDS] words within the row
+        w = row * row_words + cw
+        live = cw < row_words
+    else:
+        pid = tl.program_id(0).to(tl.int64)
+        w = pid * WORDS + tl.arange(0, WORDS)  # [WORDS]
+        live = w < nwords
     word = tl.load(words_ptr + w, mask=live, other=0)
     blk = (w * 8) // BS
     if NESTED:
@@ -131,15 +137,12 @@ def _dequantize_4bit_kernel(
     else:
         vals = tl.load(code_ptr + codes)
     v = mul_rn(vals, tl.broadcast_to(am[:, None], (WORDS, 8)))
-    o = w[:, None] * 8 + j[None, :]  # [WORDS, 8] output indices, row-major: one contiguous run
-    mask = o < n
     if STRIDED:
-        # One 64-bit division per program; the words' rows then follow in 32 bits (a program spans few rows).
-        first = pid * WORDS * 8
-        row0, col0 = first // cols, first % cols
-        c = col0.to(tl.int32) + tl.arange(0, WORDS) * 8
-        rows = c // cols
-        o = (row0 + rows).to(tl.int64)[:, None] * ld + (c - rows * cols)[:, None] + j[None, :]
+        o = row * ld + cw[:, None] * 8 + j[None, :]  # [WORDS, 8]: one contiguous run within the row
+        mask = live[:, None] & (j[None, :] < 8)
+    else:
+        o = w[:, None] * 8 + j[None, :]  # [WORDS, 8] output indices, row-major: one contiguous run
+        mask = o < n
     tl.store(out_ptr + o, round_to(v, out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -203,7 +206,7 @@ def dequantize_4bit(
     elif strided and (out.dim() != 2 or out.stride(1) != 1 or out.shape[1] % 8):
         raise ValueError(f"dequantize_4bit: out must be contiguous or 2-D rows of a multiple of 8 elements, got "
                          f"shape {tuple(out.shape)} strides {out.stride()}")  # fmt: skip
-    cols, ld = (out.shape[1], out.stride(0)) if strided else (1, 1)
+    row_words, ld = (out.shape[1] // 8, out.stride(0)) if strided else (1, 1)
     code = state.code.to(dev, torch.float32)
     if state.nested:
         extra = (state.nested_absmax.to(dev), state.nested_code.to(dev, torch.float32), state.offset.to(dev))
@@ -211,7 +214,11 @@ def dequantize_4bit(
     else:
         extra = (code, code, code)  # unused pointers
         nested_bs = 1
-    grid = (-(-words.numel() // words_per_program),)
+    if strided:  # a row per program, in runs of at most words_per_program words
+        words_per_program = min(words_per_program, triton.next_power_of_2(row_words))
+        grid = (out.shape[0], -(-row_words // words_per_program))
+    else:
+        grid = (-(-words.numel() // words_per_program),)
     _dequantize_4bit_kernel[grid](
         words,
         state.absmax.to(dev),
@@ -220,7 +227,7 @@ def dequantize_4bit(
         out,
         n,
         words.numel(),
-        cols,
+        row_words,
         ld,
         BS=state.blocksize,
         WORDS=words_per_program,
