@@ -295,7 +295,8 @@ def mlp_float32(mlp, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, t
 
     def linear(layer, t):
         w = base_weight(layer.base_layer, torch.float32)
-        a, b = layer.lora_A.weight.float(), layer.lora_B.weight.float()
+        # detached: this reference must not add its gradients to the parameters' (it would change the compared ones)
+        a, b = layer.lora_A.weight.detach().float(), layer.lora_B.weight.detach().float()
         return t @ w.t() + (t @ a.t()) @ b.t() * layer.scale
 
     x32 = x.detach().float().requires_grad_(True)
