@@ -2,6 +2,7 @@
 
     python bench/fast_path_curve.py                          # 200 steps on CUDA (the issue's check), ~3 min on an H100
     python bench/fast_path_curve.py --steps 4 --device cpu   # smoke test
+    python bench/fast_path_curve.py --adapters compute --plot bench/fast_path_curve_fused_lora.png
 
 Runs, all from the same seed (data order, LoRA initialisation, dropout), SmolLM2-135M-Instruct in NF4 + DQ, LoRA
 r=16 on every linear layer, the built-in date-to-ISO task, batch 8, lr 1e-3 (the default job's settings), ``--steps``
@@ -14,6 +15,10 @@ optimizer steps:
 
 The fast path keeps the curve when its distance to ``reference bf16`` is no larger than bf16's own distance to
 fp32 (per-step train loss, max and mean over the steps). Writes the curves and their differences as a PNG.
+
+``--adapters compute`` trains every run with its LoRA weights in the run's compute dtype (bf16 under autocast) and
+LoRA dropout 0, the conditions under which the fast path also runs each adapter inside its base projection's GEMMs
+(kbit.lora.fused, kbit.lora.grouped); the default (float32 adapters, the default job's dropout) leaves them unfused.
 """
 
 from __future__ import annotations
@@ -39,8 +44,8 @@ RUNS = {  # name -> TrainConfig overrides
 }
 
 
-def run_one(name: str, overrides: dict, base: dict, out: Path) -> dict:
-    """Train one configuration; returns its per-step train losses."""
+def run_one(name: str, overrides: dict, base: dict, out: Path, adapters: str = "float32") -> dict:
+    """Train one configuration; returns its per-step train losses (adapters: 'float32' or 'compute' dtype)."""
     config = TrainConfig(**(base | overrides | {"output_dir": str(out / name.replace(" ", "_"))}))
     device = resolve_device(config.device)
     if device.type == "cpu":  # the smoke test: kbit trains in float32 on a CPU
@@ -50,7 +55,7 @@ def run_one(name: str, overrides: dict, base: dict, out: Path) -> dict:
     model = load_model(config.model, bits=4, quant_type="nf4", double_quant=True, compute_dtype=dtype, device=device)
     torch.manual_seed(config.seed)  # the LoRA initialisation, as kbit train seeds it
     add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-             target_modules=config.target_modules, dtype=torch.float32)  # fmt: skip
+             target_modules=config.target_modules, dtype=torch.float32 if adapters == "float32" else dtype)  # fmt: skip
     train_records, _ = prepare_records(config)
     train = tokenize_records(train_records, tokenizer, config.max_seq_len)
     trainer = Trainer(model, tokenizer, train.examples, None, config)
@@ -102,6 +107,12 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="runs/fast_path_curve")
     ap.add_argument("--plot", default="bench/fast_path_curve.png")
+    ap.add_argument(
+        "--adapters",
+        default="float32",
+        choices=("float32", "compute"),
+        help="compute: LoRA weights in each run's compute dtype and dropout 0 (the fused LoRA nodes run)",
+    )
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -109,10 +120,12 @@ def main() -> None:
     base = DEFAULT_JOB | {"max_train_samples": args.steps * batch, "max_steps": args.steps, "eval_steps": 0,
                           "save_steps": 0, "report_to": "none", "eval_accuracy_samples": 0,
                           "device": args.device}  # fmt: skip
+    if args.adapters == "compute":
+        base["lora_dropout"] = 0.0
     results = {}
     for name, overrides in RUNS.items():
         print(f"=== {name}", flush=True)
-        r = run_one(name, overrides, base, out)
+        r = run_one(name, overrides, base, out, args.adapters)
         results[name] = r["losses"]
         print(json.dumps({"run": name, "seconds": r["seconds"], "last_loss": r["losses"][-1]}), flush=True)
     (out / "losses.json").write_text(json.dumps(results) + "\n")
