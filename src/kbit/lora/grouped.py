@@ -129,7 +129,7 @@ class GroupedLoRAFunction(torch.autograd.Function):
             zero = wide.new_zeros(())
             dxa = torch.cat([(dy2 @ b.to(wide.dtype)).mul_(s) if dy2 is not None else zero.expand(m, b.shape[1])
                              for dy2, b, s in zip(dy2s, lora_bs, ctx.scales, strict=True)], dim=1)  # fmt: skip
-        das = dbs = dbiases = [None] * n
+        das = [None] * n
         if any(need[3 + n : 3 + 2 * n]):
             das = list((dxa.t() @ wide[:, :k]).split(ranks))  # [R, K]: every member's A at once
             das = [None if dy is None else da for dy, da in zip(dys, das, strict=True)]  # unused: no gradient
