@@ -134,9 +134,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def set_mode(model, mode: str, batch: int, seq_len: int) -> tuple[str, int, tuple[str, ...]]:
+def set_mode(model, mode: str, batch: int, seq_len: int, graphed: bool = False) -> tuple[str, int, tuple[str, ...]]:
     """Apply ``mode``'s memory plan for this batch size (apply_plan: checkpointing per layer, the MLP pieces of the
-    recomputed layers); (the line saying what, decoder layers recomputed, the mode of each layer)."""
+    recomputed layers; with ``graphed``, plan memory's weight row pieces); (the line saying what, decoder layers
+    recomputed, the mode of each layer)."""
     from kbit.estimate import OPTIMIZER_BYTES
     from kbit.models.memory_plan import RECOMPUTED, apply_plan, plan_memory, step_bytes
     from kbit.models.offload import offload_input_embeddings
@@ -146,7 +147,8 @@ def set_mode(model, mode: str, batch: int, seq_len: int) -> tuple[str, int, tupl
         plan = plan_memory(model, "speed", batch, seq_len, reserve_bytes=reserve)
     else:
         kind = {"reference": "full", "fast-offload": "offload", "fast-memory": "memory"}.get(mode)
-        plan = plan_memory(model, kind or mode.removeprefix("fast-"), batch, seq_len, why=f"bench mode {mode}")
+        plan = plan_memory(model, kind or mode.removeprefix("fast-"), batch, seq_len, why=f"bench mode {mode}",
+                           weight_pieces=graphed)  # fmt: skip
     line = f"{plan.line}; {apply_plan(model, plan)}"
     if mode == "fast-memory":  # the trainer's memory plan on CUDA: the embedding table in host memory too
         line += f"; {offload_input_embeddings(model)}"
@@ -226,6 +228,21 @@ def host_row(device: str) -> dict:
 def train_step(model, opt, mode: str, ids: torch.Tensor, marks: dict | None = None) -> torch.Tensor:
     """One optimizer step on ``ids``; the loss. With ``marks`` (CUDA), the bytes allocated after the forward and the
     allocator's peak up to then (its host-side counters: no synchronisation)."""
+    loss = forward_backward(model, mode, ids, marks)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def graphed_step(graphed, opt, ids: torch.Tensor) -> torch.Tensor:
+    """One step through a GraphedStep (its replay computes the gradients) and the optimizer outside it."""
+    loss = graphed.step({"ids": ids})
+    opt.step()
+    return loss
+
+
+def forward_backward(model, mode: str, ids: torch.Tensor, marks: dict | None = None) -> torch.Tensor:
+    """The loss on ``ids`` and its gradients (train_step without the optimizer: what a CUDA graph captures)."""
     if mode == "reference":  # kbit's trainer: logits, then float32 cross-entropy
         logits = model(input_ids=ids, use_cache=False).logits
         loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
@@ -235,14 +252,13 @@ def train_step(model, opt, mode: str, ids: torch.Tensor, marks: dict | None = No
     if marks is not None:
         marks.update(after_forward=torch.cuda.memory_allocated(), forward_peak=torch.cuda.max_memory_allocated())
     loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
     return loss.detach()
 
 
 def run_mode(model, config, mode: str, batch: int, seq_len: int, warmup: int, steps: int, device: str,
              profile: bool = False, trace: Path | None = None, optim: str = "adamw",
-             cuda_graph: bool = False) -> dict:  # fmt: skip
+             cuda_graph: bool = False, host_profile: int = 0, sync_debug: bool = False,
+             memory_snapshot: Path | None = None) -> dict:  # fmt: skip
     """Time one mode at one batch size; the row of the table as a dict (or {'oom': True}); with ``profile``, one more
     step under torch.profiler, its time per kernel class in the row's 'profile'. With ``cuda_graph`` the step is
     captured in the last warm-up step and replayed (kbit.train.cuda_graph; peak memory then counts from the capture)."""
@@ -252,14 +268,13 @@ def run_mode(model, config, mode: str, batch: int, seq_len: int, warmup: int, st
 
     params = [p for p in model.parameters() if p.requires_grad]
     graphed = None
+    opt = build_optimizer(optim, params, lr=1e-4)
     if cuda_graph:
-        if optim != "adamw" or warmup < 1:
-            raise SystemExit("train_step: --cuda-graph needs --optim adamw (torch's, capturable) and --warmup >= 1")
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=True)
-        check_graphable(model, opt)
-        graphed = GraphedStep(lambda b, o=opt: train_step(model, o, mode, b["ids"]), warmup=warmup - 1)
-    else:
-        opt = build_optimizer(optim, params, lr=1e-4)
+        if warmup < 1:
+            raise SystemExit("train_step: --cuda-graph needs --warmup >= 1 (the capture is the last warm-up step)")
+        check_graphable(model)
+        # packed=False: each row is one random sequence, so the captured attention needs no mask
+        graphed = GraphedStep(lambda b: forward_backward(model, mode, b["ids"]), params, warmup - 1, packed=False)
     times = []
     loss = None
     first: dict = {}  # the first timed step's marks (train_step)
@@ -275,7 +290,13 @@ def run_mode(model, config, mode: str, batch: int, seq_len: int, warmup: int, st
             sync(device)
             t = time.perf_counter()
             marks = {} if i == warmup and device == "cuda" and not graphed else None  # the first timed step
-            loss = graphed.step({"ids": ids}) if graphed else train_step(model, opt, mode, ids, marks)
+            if graphed and memory_snapshot is not None and i == warmup - 1:  # the capture and its first replay
+                snapshot_step(functools.partial(graphed_step, graphed, opt, ids), memory_snapshot)
+                loss = graphed.loss
+            elif graphed:  # the optimizer outside the graph; each replay writes fresh gradients (no zero_grad)
+                loss = graphed_step(graphed, opt, ids)
+            else:
+                loss = train_step(model, opt, mode, ids, marks)
             sync(device)
             times.append(time.perf_counter() - t)
             if marks is not None:
@@ -287,6 +308,22 @@ def run_mode(model, config, mode: str, batch: int, seq_len: int, warmup: int, st
             row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
             row |= memory_breakdown(model, opt, row["peak_alloc_gib"], first)
         row |= host_row(device)
+        if device == "cuda" and not graphed:  # how long the host takes to queue one step (no sync inside)
+            ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
+            sync(device)
+            t = time.perf_counter()
+            train_step(model, opt, mode, ids)
+            row["host_ms"] = (time.perf_counter() - t) * 1e3
+            sync(device)
+        if sync_debug and device == "cuda" and not graphed:
+            ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
+            row["host_syncs"] = find_syncs(functools.partial(train_step, model, opt, mode, ids))
+        if memory_snapshot is not None and device == "cuda" and not graphed:  # (graphed: at the capture, above)
+            ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
+            snapshot_step(functools.partial(train_step, model, opt, mode, ids), memory_snapshot)
+        if host_profile and not graphed:
+            ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device)
+            host_profile_step(functools.partial(train_step, model, opt, mode, ids), device, host_profile)
         if profile and graphed:
             print("  (--profile: not with --cuda-graph; the replayed kernels have no launching ops to class by)")
         elif profile:
@@ -302,6 +339,75 @@ def run_mode(model, config, mode: str, batch: int, seq_len: int, warmup: int, st
     if device == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+              "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize", "cudaStreamQuery")  # fmt: skip
+
+
+def find_syncs(step) -> list[str]:
+    """Run ``step`` once under torch.profiler; where the host waited on the GPU (CUDA runtime calls that
+    synchronise), one line each: count x the call <- the ops around it <- the innermost Python frames of kbit,
+    transformers or the bench."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        step()
+        torch.cuda.synchronize()
+    seen: dict[str, list] = {}
+    for e in prof.events():
+        if e.name not in SYNC_CALLS:
+            continue
+        chain, stack, p = [], [], e.cpu_parent
+        while p is not None:
+            chain.append(p.name)
+            if not stack and p.stack:
+                stack = [s for s in p.stack if any(k in s for k in ("kbit", "transformers", "bench"))][:3]
+            p = p.cpu_parent
+        key = f"{e.name} <- {' <- '.join(chain[:3])} | {' <- '.join(Path(s).name for s in stack)}"
+        seen.setdefault(key, [0, 0.0])
+        seen[key][0] += 1
+        seen[key][1] += e.cpu_time_total / 1e3
+    lines = [f"{n} x {ms:.1f} ms: {key}" for key, (n, ms) in sorted(seen.items(), key=lambda kv: -kv[1][1])]
+    print("host syncs in one step:" + "".join(f"\n  {line}" for line in lines) if lines else "host syncs: none",
+          flush=True)  # fmt: skip
+    return lines
+
+
+def snapshot_step(step, path: Path) -> None:
+    """Run ``step`` once recording the CUDA allocator's history; write its snapshot (bench/peak_memory.py reads it)."""
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    try:
+        # A recomputation stops early by raising inside the layer; the recorder's Python frames lose that exception
+        # (SystemError), so the replays run to the end of their layer here (a few transient tensors more).
+        with set_checkpoint_early_stop(False):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.memory._dump_snapshot(str(path))
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    print(f"memory snapshot of one step: {path}", flush=True)
+
+
+def host_profile_step(step, device: str, top: int) -> None:
+    """Run ``step`` once under cProfile and print its ``top`` functions by own time (where the host time goes)."""
+    import cProfile
+    import pstats
+
+    sync(device)
+    prof = cProfile.Profile()
+    prof.enable()
+    step()
+    prof.disable()
+    sync(device)
+    stats = pstats.Stats(prof)
+    print(f"\nhost profile of one step (cProfile, its overhead included): top {top} functions by own time", flush=True)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
 
 
 def memory_breakdown(model, opt, peak_gib: float, marks: dict) -> dict:
@@ -509,13 +615,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="capture each kbit step in a CUDA graph and replay it (kbit.train.cuda_graph; not offload)",
+        help="capture each kbit step's forward and backward in a CUDA graph and replay it, the optimizer outside "
+        "(kbit.train.cuda_graph)",
     )
     ap.add_argument(
         "--lora-groups",
         default="on",
         choices=("on", "off"),
         help="off: every LoRA projection its own fused node (kbit.lora.grouped's groups undone)",
+    )
+    ap.add_argument("--host-profile", type=int, default=0, metavar="N",
+                    help="one more step per row under cProfile: its N most expensive functions")  # fmt: skip
+    ap.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="one more step per row under torch.profiler: where the host waits on the GPU",
+    )
+    ap.add_argument(
+        "--memory-snapshot",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="one more step recording the allocator's history into FILE (bench/peak_memory.py)",
     )
     ap.add_argument("--peers", nargs="*", default=[], choices=list(PEERS))
     ap.add_argument("--peer-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "bench")
@@ -549,7 +670,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for b in args.batches:
             chunking = mlp_chunking(model, args.mlp_chunk) if args.mlp_chunk is not None else contextlib.nullcontext()
             with chunking, sdpa_context(args.sdpa_backend):
-                line, recomputed, modes = set_mode(model, mode, b, args.seq_len)
+                line, recomputed, modes = set_mode(model, mode, b, args.seq_len, args.cuda_graph)
                 print(line, flush=True)
                 stack = (
                     f"kbit {mode}"
@@ -565,7 +686,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                       "available")  # fmt: skip
                 else:
                     row |= run_mode(model, config, mode, b, args.seq_len, args.warmup, args.steps, args.device,
-                                    args.profile, args.trace, args.optim, args.cuda_graph)  # fmt: skip
+                                    args.profile, args.trace, args.optim, args.cuda_graph,
+                                    args.host_profile, args.sync_debug, args.memory_snapshot)  # fmt: skip
             if "tokens_per_s" in row:
                 share = recomputed / config.num_hidden_layers
                 recompute = model_flops + share * (hw_flops - model_flops)

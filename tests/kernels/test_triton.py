@@ -168,6 +168,27 @@ def test_dequantize_4bit_into_strided_rows(shape):
         )  # columns apart
 
 
+@pytest.mark.parametrize("rows", [(0, 3), (2, 5), (40, 48), (7, 7)])
+@pytest.mark.parametrize("cols", [200, 4096])  # blocks of 64 straddle rows of 200
+def test_dequantize_4bit_rows(rows, cols):
+    """Rows lo..hi alone (a memory plan's row pieces): those rows of the whole weight, contiguous or strided."""
+    shape = (48, cols)
+    x = make_input(shape, torch.bfloat16, 64, "nf4", seed=6)
+    packed, absmax = ref_quant4(x, "nf4", 64)
+    state = blockwise4.compress_absmax(state_for(absmax, x, "nf4", 64))
+    expected = blockwise4.dequantize_4bit_ref(packed, blockwise4.dequantize_absmax(state), state, torch.bfloat16)
+    lo, hi = rows
+    got = quant4.dequantize_4bit(packed.to(DEV), state.to(DEV), torch.bfloat16, words_per_program=16, rows=rows)
+    assert got.shape == (hi - lo, cols)
+    assert_same(got, expected[lo:hi], "rows")
+    wide = torch.full((hi - lo, cols + 64), 7.0, dtype=torch.bfloat16, device=DEV)
+    quant4.dequantize_4bit(packed.to(DEV), state.to(DEV), torch.bfloat16, out=wide[:, :cols], rows=rows)
+    assert_same(wide[:, :cols], expected[lo:hi], "rows into strided columns")
+    assert bool((wide[:, cols:] == 7).all())
+    with pytest.raises(ValueError, match="rows"):
+        quant4.dequantize_4bit(packed.to(DEV), state.to(DEV), torch.bfloat16, rows=(5, 49))
+
+
 @pytest.mark.parametrize("compress", [False, True])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("blocksize", blockwise4.BLOCKSIZES_4BIT)

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from kbit.lora import LoRALinear, enable_fused_lora
+from kbit.lora.fused import row_pieces
 from kbit.models.checkpointing import selective_policy
 from kbit.models.patch import chunked_apply
 from kbit.nn import Linear4bit, Linear8bit
@@ -78,12 +79,16 @@ def inputs(dtype: torch.dtype, shape=(2, 5), seed: int = 1) -> tuple[torch.Tenso
     return x, torch.randn(*shape, OUT, generator=gen).to(dtype)
 
 
+@pytest.mark.parametrize("pieces", [None, 24])  # W rebuilt in row pieces of 24 (a memory plan's dequant_rows)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kind", KINDS)
-def test_fused_equals_unfused(kind: str, dtype: torch.dtype, bias: bool) -> None:
+def test_fused_equals_unfused(kind: str, dtype: torch.dtype, bias: bool, pieces: int | None) -> None:
     x, dy = inputs(dtype)  # 3-D: [2, 5, IN]
-    fused = run(make_layer(kind, dtype, bias, fused=True), x, dy)
+    layer = make_layer(kind, dtype, bias, fused=True)
+    layer.base_layer.dequant_rows = pieces
+    assert (row_pieces(layer.base_layer) is None) == (pieces is None)
+    fused = run(layer, x, dy)
     unfused = run(make_layer(kind, dtype, bias), x, dy)
     assert_same_results(fused, unfused, dtype)
     assert fused[1].keys() >= {"x", "lora_A.weight", "lora_B.weight"} | ({"base_layer.bias"} if bias else set())

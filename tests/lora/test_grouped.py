@@ -77,11 +77,14 @@ def data(dtype: torch.dtype, seed: int = 1):
     return x, {name: torch.randn(2, 5, out, generator=gen).to(dtype) for name, out in OUTS.items()}
 
 
+@pytest.mark.parametrize("pieces", [None, 8])  # each W' rebuilt in row pieces of 8 (a memory plan's dequant_rows)
 @pytest.mark.parametrize("order", [("q_proj", "k_proj", "v_proj"), ("v_proj", "q_proj", "k_proj")])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_equals_unfused(dtype, bias, order):
+def test_grouped_equals_unfused(dtype, bias, order, pieces):
     grouped, plain = twins(dtype, bias)
+    for name in OUTS:
+        getattr(grouped, name).base_layer.dequant_rows = pieces
     x, dys = data(dtype)
     ys, nodes, grads = run(grouped, x, dys, order)
     ys0, nodes0, grads0 = run(plain, x, dys, order)

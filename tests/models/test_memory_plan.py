@@ -5,6 +5,7 @@ the memory it is given. The offload mechanics themselves: test_offload.py."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import weakref
 
@@ -18,6 +19,7 @@ from kbit.models.memory_plan import (
     GIB,
     MARGIN_BYTES,
     PLAN_MODES,
+    WEIGHT_PIECE_BYTES,
     LayerCost,
     apply_plan,
     choose_plan,
@@ -25,6 +27,7 @@ from kbit.models.memory_plan import (
     memory_loss_rows,
     needed_bytes,
     plan_memory,
+    weight_piece_rows,
 )
 from kbit.models.offload import Offloader, SavedInput
 from kbit.models.patch import LOSS_CHUNK_ATTR, apply_fast_path, mlp_chunking
@@ -188,6 +191,32 @@ def test_memory_plan_runs_the_loss_in_smaller_chunks_with_the_same_result():
         torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-5, msg=name)
     apply_plan(m, plan_memory(m, "full", 2, 1024))  # another plan gives the default chunks back
     assert getattr(m, LOSS_CHUNK_ATTR) is None
+
+
+def test_memory_plan_rebuilds_large_weights_in_row_pieces_with_the_same_result():
+    with torch.device("meta"):  # the Llama-3-8B MLP's shapes, nothing allocated
+        down, q = Linear4bit(14336, 4096), Linear4bit(4096, 4096)
+    assert weight_piece_rows(down, WEIGHT_PIECE_BYTES) == 1168  # 32 MiB of bf16 rows of 14336, in 16s
+    assert weight_piece_rows(q, WEIGHT_PIECE_BYTES) is None  # 32 MiB whole
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    base = model(True, dropout=0.0)
+    set_checkpointing(base, "none")
+    loss0, grads0, _ = loss_and_grads(base, ids)
+    m = copy.deepcopy(base)
+    down = m.model.layers[1].mlp.down_proj.base_layer
+    plan = plan_memory(m, "memory", 2, 16, weight_pieces=True)
+    assert plan.weight_piece_bytes == WEIGHT_PIECE_BYTES
+    assert plan_memory(m, "memory", 2, 16).weight_piece_bytes is None  # eager steps: whole weights (fewer launches)
+    assert plan_memory(m, "full", 2, 16, weight_pieces=True).weight_piece_bytes is None
+    small = dataclasses.replace(plan, weight_piece_bytes=16 * down.in_features * 4)  # 16 float32 rows a piece
+    assert apply_plan(m, small).endswith("; 1 weight over 0 MiB dequantized in row pieces of that size")
+    assert down.dequant_rows == 16 and down.out_features == 64
+    loss, grads, _ = loss_and_grads(m, ids)
+    torch.testing.assert_close(loss, loss0, atol=1e-6, rtol=1e-6)
+    for name, g in grads0.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-5, msg=name)
+    apply_plan(m, plan_memory(m, "full", 2, 16))  # another plan rebuilds whole weights again
+    assert down.dequant_rows is None
 
 
 def test_plan_length_and_modes_are_checked():

@@ -167,6 +167,14 @@ def test_host_embedding_frees_its_table_on_the_gpu():
     loss = m(input_ids=ids, labels=ids, use_cache=False).loss
     assert loss.device.type == "cuda"
     torch.testing.assert_close(loss.detach(), loss0, atol=0, rtol=0)
+    host = m.get_input_embeddings()
+    assert host.host is not None and host.weight.is_pinned()  # page-locked: the GPU gathers the rows in place
+    assert pinned_host_bytes()[0] >= table
+    rows = host(ids)
+    assert rows.is_cuda
+    torch.testing.assert_close(rows, host.weight[ids.cpu()].cuda(), atol=0, rtol=0)
+    with pytest.raises(IndexError, match="token id 32768 is outside the vocabulary of 32768"):
+        host(torch.tensor([[1, 32768]], device="cuda"))
 
 
 @pytest.mark.gpu

@@ -1,4 +1,5 @@
-"""A training step captured in a CUDA graph (kbit.train.cuda_graph) trains exactly as the same steps run eagerly."""
+"""A training step's forward and backward captured in a CUDA graph (kbit.train.cuda_graph) computes exactly what the
+same steps run eagerly compute, with every memory plan (offloaded inputs and a host-memory embedding included)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,22 @@ from torch import nn
 
 from kbit.lora import add_lora, lora_layers
 from kbit.models.checkpointing import set_checkpointing
-from kbit.models.patch import apply_fast_path
+from kbit.models.offload import offload_input_embeddings
+from kbit.models.patch import apply_fast_path, mlp_chunking
 from kbit.nn import Linear4bit
+from kbit.optim import build_optimizer
 from kbit.train.cuda_graph import GraphedStep, check_graphable
 
 
-def qlora(device: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+def qlora(device: str, dtype: torch.dtype = torch.float32, dropout: float = 0.0, **config) -> nn.Module:
     """A tiny Llama with every decoder projection in NF4 and LoRA r=4 on all of them (nonzero B), fast path on."""
-    m = tiny_llama()
+    m = tiny_llama(**config)
     for path, module in list(m.named_modules()):
         if type(module) is nn.Linear and path != "lm_head":
             parent, _, name = path.rpartition(".")
             setattr(m.get_submodule(parent), name, Linear4bit.from_linear(module, compute_dtype=dtype))
     m = m.to(device, dtype)
-    add_lora(m, r=4, alpha=8, dropout=0.0, dtype=dtype)
+    add_lora(m, r=4, alpha=8, dropout=dropout, dtype=dtype)
     torch.manual_seed(1)
     for _, layer in lora_layers(m):
         nn.init.normal_(layer.lora_B.weight, std=0.1)
@@ -32,44 +35,62 @@ def qlora(device: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     return m.train()
 
 
-def test_refuses_offload_and_a_non_capturable_optimizer():
-    m = qlora("cpu")
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad])
-    set_checkpointing(m, "offload")
-    with pytest.raises(ValueError, match="offloaded activations wait on their copies"):
-        check_graphable(m, opt)
-    set_checkpointing(m, "full")
-    with pytest.raises(ValueError, match="must be built with capturable=True"):
-        check_graphable(m, opt)
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], capturable=True)
+def test_refuses_dropout_a_cpu_lookup_and_cpu_parameters():
+    with pytest.raises(ValueError, match=r"q_proj\.lora_dropout drops out with p=0\.1.*set dropout"):
+        check_graphable(qlora("cpu", dropout=0.1))
+    m = qlora("cpu", tie_word_embeddings=False)
+    offload_input_embeddings(m)  # a CPU model: the rows are looked up on the CPU
+    with pytest.raises(ValueError, match=r"the input embedding \(Embedding\) is looked up on the CPU"):
+        check_graphable(m)
     with pytest.raises(ValueError, match="not on a CUDA device"):
-        check_graphable(m, opt)
+        check_graphable(qlora("cpu"))
+    with pytest.raises(ValueError, match="not on a CUDA device"):  # not dropout: it is off outside training
+        check_graphable(qlora("cpu", dropout=0.1).eval())
+
+
+def _forward_backward(m: nn.Module, batch: dict) -> torch.Tensor:
+    loss = m(input_ids=batch["ids"], labels=batch["ids"], use_cache=False).loss
+    loss.backward()
+    return loss.detach()
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("plan", ["none", "full"])
-def test_graphed_steps_train_as_eager_steps(plan):
-    eager = qlora("cuda")
+@pytest.mark.parametrize(
+    "plan, host_embedding, optim, pieces, packed",
+    [
+        ("none", False, "adamw", None, True),
+        ("full", False, "adamw", None, False),  # rows of one sequence: the captured attention builds no mask
+        ("offload", True, "adamw", None, False),  # plan "memory": inputs and the embedding table in host memory
+        # + the MLP in pieces of 8 tokens, its weights in row pieces of 16, 8-bit paged state outside
+        ("offload", True, "paged_adamw_8bit", 8, False),
+    ],
+)
+def test_graphed_steps_train_as_eager_steps(plan, host_embedding, optim, pieces, packed):
+    eager = qlora("cuda", tie_word_embeddings=False)
     set_checkpointing(eager, plan)
+    for m in eager.modules():
+        if isinstance(m, Linear4bit) and pieces:
+            m.dequant_rows = 16
     graphed_model = copy.deepcopy(eager)
     models = (eager, graphed_model)
-    opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, capturable=True)
-            for m in models]  # fmt: skip
-    check_graphable(graphed_model, opts[1])
-
-    def step(m, opt, batch):
-        loss = m(input_ids=batch["ids"], labels=batch["ids"], use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    graphed = GraphedStep(lambda b: step(graphed_model, opts[1], b), warmup=2)
+    if host_embedding:
+        for m in models:
+            assert "moved to CPU memory" in offload_input_embeddings(m)
+    opts = [build_optimizer(optim, [p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in models]
+    check_graphable(graphed_model)
+    params = [p for p in graphed_model.parameters() if p.requires_grad]
+    graphed = GraphedStep(lambda b: _forward_backward(graphed_model, b), params, warmup=2, packed=packed)
     gen = torch.Generator(device="cuda").manual_seed(0)
     losses = []
-    for _ in range(6):  # 2 eager warm-ups, the capture (replayed at once), 3 replays
-        batch = {"ids": torch.randint(0, 256, (2, 24), device="cuda", generator=gen)}
-        losses.append((step(eager, opts[0], batch).item(), graphed.step(batch).item()))
+    with mlp_chunking(eager, pieces), mlp_chunking(graphed_model, pieces):
+        for _ in range(6):  # 2 eager warm-ups, the capture (replayed at once), 3 replays
+            batch = {"ids": torch.randint(0, 256, (2, 24), device="cuda", generator=gen)}
+            want = _forward_backward(eager, batch).item()
+            opts[0].step()
+            opts[0].zero_grad(set_to_none=True)
+            got = graphed.step(batch).item()
+            opts[1].step()  # no zero_grad: each replay writes fresh gradients
+            losses.append((want, got))
     assert graphed.graph is not None
     for want, got in losses:
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6)

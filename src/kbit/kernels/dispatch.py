@@ -41,15 +41,32 @@ def quantize_4bit(x: torch.Tensor, quant_type: str, blocksize: int) -> tuple[tor
 
 
 def dequantize_4bit(
-    raw: torch.Tensor, state: QuantState, out_dtype: torch.dtype, out: torch.Tensor | None = None
+    raw: torch.Tensor,
+    state: QuantState,
+    out_dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Dequantize flat packed bytes with ``state`` (double quant included); into ``out`` (rows may be strided)."""
+    """Dequantize flat packed bytes with ``state`` (double quant included); into ``out`` (rows may be strided);
+    ``rows=(lo, hi)``: only those rows of a 2-D weight."""
     if use_triton(raw):
         from .triton import quant4
 
-        return quant4.dequantize_4bit(raw, state, out_dtype, out=out)
+        return quant4.dequantize_4bit(raw, state, out_dtype, out=out, rows=rows)
     w = blockwise4.dequantize_4bit_ref(raw, blockwise4.dequantize_absmax(state), state, out_dtype)
+    if rows is not None:
+        w = w[rows[0] : rows[1]]
     return w if out is None else out.copy_(w)
+
+
+def gather_rows(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``table[ids]`` on ``ids``' device; a CUDA ``ids`` reads a page-locked host ``table`` in place (no copy to
+    the host, no synchronisation), anything else looks up where the table is and moves the rows."""
+    if use_triton(ids) and (table.is_cuda or table.is_pinned()):
+        from .triton import gather
+
+        return gather.gather_rows(table, ids)
+    return table[ids.to(table.device)].to(ids.device)
 
 
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:

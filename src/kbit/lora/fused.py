@@ -32,17 +32,62 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..nn import Linear4bit, Linear8bit
 
-DenseWeight = Callable[[torch.dtype], torch.Tensor]  # dtype -> the frozen weight [out, in] in that dtype
+# (dtype, rows=None) -> the frozen weight [out, in] in that dtype, or only rows lo..hi of it
+DenseWeight = Callable[..., torch.Tensor]
+Pieces = tuple[tuple[int, int], ...] | None  # row ranges the weight is rebuilt in, one at a time (None: whole)
+
+
+def row_pieces(base: nn.Module) -> Pieces:
+    """The row ranges ``base``'s weight is dequantized in by the fused nodes (its ``dequant_rows``, a memory plan's
+    choice: one piece's dense rows alive at a time instead of the whole weight), or None for the whole weight."""
+    rows = getattr(base, "dequant_rows", None)
+    n = base.out_features
+    if not rows or rows >= n:
+        return None
+    return tuple((lo, min(lo + rows, n)) for lo in range(0, n, rows))
+
+
+def _by_rows(dequant: DenseWeight, dtype: torch.dtype) -> Callable:
+    # rows -> W's rows in dtype; a whole weight is asked for without ``rows`` (any dtype -> W callable works)
+    return lambda rows: dequant(dtype) if rows is None else dequant(dtype, rows=rows)
+
+
+def linear_pieces(
+    x2: torch.Tensor, weight: Callable, bias: torch.Tensor | None, pieces: Pieces, n: int
+) -> torch.Tensor:
+    """``x2 W^T + b`` [M, n] with W built by ``weight(rows)`` one row piece at a time, each piece's GEMM writing
+    its own output columns (``pieces`` None: the whole W at once)."""
+    if pieces is None:
+        return F.linear(x2, weight(None), bias)
+    y = x2.new_empty((x2.shape[0], n))
+    for lo, hi in pieces:
+        w = weight((lo, hi))
+        if bias is None:
+            torch.mm(x2, w.t(), out=y[:, lo:hi])
+        else:
+            torch.addmm(bias[lo:hi], x2, w.t(), out=y[:, lo:hi])
+        del w  # before the next piece is built
+    return y
+
+
+def input_grad_pieces(dy2: torch.Tensor, weight: Callable, pieces: Pieces, out: torch.Tensor | None = None):
+    """``dy2 W`` (added to ``out`` in place when given) with W built one row piece at a time (None: whole)."""
+    for rows in (None,) if pieces is None else pieces:
+        w = weight(rows)
+        part = dy2 if rows is None else dy2[:, rows[0] : rows[1]]
+        out = part @ w if out is None else out.addmm_(part, w)
+        del w
+    return out
 
 
 class LoRALinearFunction(torch.autograd.Function):
     """``y = x W^T + b + s · (x A^T) B^T`` with ``W = dequant(x.dtype)`` frozen; gradients for x, b, A and B."""
 
     @staticmethod
-    def forward(ctx, x, bias, lora_a, lora_b, dequant: DenseWeight, scale: float):
+    def forward(ctx, x, bias, lora_a, lora_b, dequant: DenseWeight, scale: float, pieces: Pieces = None):
         need_x, _, need_a, need_b = ctx.needs_input_grad[:4]
         x2 = x.reshape(-1, x.shape[-1])  # [M, in]
-        y = F.linear(x2, dequant(x.dtype), bias)  # [M, out]
+        y = linear_pieces(x2, _by_rows(dequant, x.dtype), bias, pieces, lora_b.shape[0])  # [M, out]
         xa = x2 @ lora_a.t()  # [M, r]
         if _get_current_dispatch_mode() is None:
             y.addmm_(xa, lora_b.t(), alpha=scale)  # the LoRA sum in the GEMM's epilogue
@@ -51,7 +96,7 @@ class LoRALinearFunction(torch.autograd.Function):
             # y into its result first, one [M, out] pass that the in-place form avoids.
             y = torch.addmm(y, xa, lora_b.t(), alpha=scale)
         ctx.save_for_backward(x if need_a else None, xa if need_b else None, lora_a if need_x else None, lora_b)
-        ctx.dequant, ctx.scale = dequant, scale
+        ctx.dequant, ctx.scale, ctx.pieces = dequant, scale, pieces
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -63,7 +108,7 @@ class LoRALinearFunction(torch.autograd.Function):
         dx = dbias = da = db = None
         g = dy2 @ lora_b if need_x or need_a else None  # [M, r]
         if need_x:
-            dx = dy2 @ ctx.dequant(dy.dtype)  # [M, in]
+            dx = input_grad_pieces(dy2, _by_rows(ctx.dequant, dy.dtype), ctx.pieces)  # [M, in]
             dx.addmm_(g, lora_a, alpha=s)
             dx = dx.view(*dy.shape[:-1], dx.shape[-1])
         if need_a:
@@ -72,7 +117,7 @@ class LoRALinearFunction(torch.autograd.Function):
             db = (dy2.t() @ xa).mul_(s)  # [out, r]
         if need_bias:
             dbias = dy2.sum(0)
-        return dx, dbias, da, db, None, None
+        return dx, dbias, da, db, None, None, None
 
 
 def lora_linear(
@@ -82,10 +127,12 @@ def lora_linear(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scale: float,
+    pieces: Pieces = None,
 ) -> torch.Tensor:
-    """``x W^T + b + scale · x A^T B^T`` in ``x.dtype`` as one autograd node, W from ``dequant`` (never saved)."""
+    """``x W^T + b + scale · x A^T B^T`` in ``x.dtype`` as one autograd node, W from ``dequant`` (never saved;
+    rebuilt in the row ``pieces`` when given, one at a time)."""
     bias = None if bias is None else bias.to(x.dtype)  # differentiable; the stored bias is not rewritten
-    return LoRALinearFunction.apply(x, bias, lora_a, lora_b, dequant, scale)
+    return LoRALinearFunction.apply(x, bias, lora_a, lora_b, dequant, scale, pieces)
 
 
 def _supported_base(base: nn.Module) -> bool:

@@ -36,25 +36,36 @@ with the same adapter weights and grad mode. Any other call recomputes.
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..nn import Linear4bit
-from .fused import fusable
+from .fused import fusable, input_grad_pieces, linear_pieces, row_pieces
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # siblings that read the same input
 K_ALIGN = 64  # the widened input's width is padded to this (cuBLAS's K tiles; 16-byte aligned rows)
 
 
-def _wide_weight(base: Linear4bit, lora_b: torch.Tensor, scale: float, lo: int, width: int, dtype) -> torch.Tensor:
-    """W' = [W | 0 .. scale·B (columns lo..) .. 0], [out, width] in ``dtype``."""
-    out, k = base.out_features, base.in_features
-    w = torch.empty((out, width), dtype=dtype, device=lora_b.device)
-    base.dequantize(dtype, out=w[:, :k])
+def _wide_weight(
+    base: Linear4bit,
+    lora_b: torch.Tensor,
+    scale: float,
+    lo: int,
+    width: int,
+    dtype,
+    rows: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """W' = [W | 0 .. scale·B (columns lo..) .. 0], [out, width] in ``dtype``; with ``rows=(a, b)`` only W's rows
+    a..b (a memory plan's row pieces, :func:`kbit.lora.fused.row_pieces`)."""
+    k = base.in_features
+    a, b = rows if rows is not None else (0, base.out_features)
+    w = torch.empty((b - a, width), dtype=dtype, device=lora_b.device)
+    base.dequantize(dtype, out=w[:, :k], rows=rows)
     w[:, k:].zero_()
-    w[:, lo : lo + lora_b.shape[1]] = lora_b.to(dtype) * scale
+    w[:, lo : lo + lora_b.shape[1]] = lora_b[a:b].to(dtype) * scale
     return w
 
 
@@ -96,7 +107,8 @@ class GroupedLoRAFunction(torch.autograd.Function):
         wide[:, k + sum(ranks) :].zero_()
         ys, lo = [], k
         for base, bias, lora_b, scale in zip(bases, biases, lora_bs, scales, strict=True):
-            y = F.linear(wide, _wide_weight(base, lora_b, scale, lo, width, x.dtype), bias)
+            build = functools.partial(_wide_weight, base, lora_b, scale, lo, width, x.dtype)
+            y = linear_pieces(wide, build, bias, row_pieces(base), base.out_features)
             ys.append(y.view(*x.shape[:-1], y.shape[-1]))
             lo += lora_b.shape[1]
         ctx.save_for_backward(wide, *lora_as, *lora_bs)
@@ -119,9 +131,9 @@ class GroupedLoRAFunction(torch.autograd.Function):
             for base, dy2, lora_b, scale, lo in zip(ctx.bases, dy2s, lora_bs, ctx.scales, los, strict=True):
                 if dy2 is None:
                     continue
-                w = _wide_weight(base, lora_b, scale, lo, width, dy2.dtype)
-                dwide = dy2 @ w if dwide is None else dwide.addmm_(dy2, w)
-                del w  # before the next member's is built: one dequantized weight alive at a time
+                # one dequantized weight (or row piece of one) alive at a time
+                build = functools.partial(_wide_weight, base, lora_b, scale, lo, width, dy2.dtype)
+                dwide = input_grad_pieces(dy2, build, row_pieces(base), dwide)
             if dwide is None:
                 return (None,) * (3 + 3 * n)
             dxa = dwide[:, k : k + rank].clone()  # s_i g_i per slot; a copy, since dx is accumulated beside it

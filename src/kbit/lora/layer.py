@@ -20,7 +20,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from .fused import fusable, lora_linear
+from ..nn import Linear4bit
+from .fused import fusable, lora_linear, row_pieces
 
 INITS = ("kaiming", "gaussian")
 
@@ -39,11 +40,16 @@ def is_linear_like(module: nn.Module) -> bool:
     return not isinstance(module, LoRALinear) and (isinstance(module, nn.Linear) or is_quantized_linear(module))
 
 
-def base_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The dense ``[out, in]`` weight of a linear-like module in ``dtype`` (dequantized when quantized)."""
+def base_weight(module: nn.Module, dtype: torch.dtype, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The dense ``[out, in]`` weight of a linear-like module in ``dtype`` (dequantized when quantized); with
+    ``rows=(lo, hi)`` only those rows (a kbit ``Linear4bit`` dequantizes only them)."""
+    if rows is not None and isinstance(module, Linear4bit):
+        return module.dequantize(dtype=dtype, rows=rows)
     if is_quantized_linear(module):
-        return module.dequantize(dtype=dtype).to(dtype)
-    return module.weight.to(dtype)
+        w = module.dequantize(dtype=dtype).to(dtype)
+    else:
+        w = module.weight.to(dtype)
+    return w if rows is None else w[rows[0] : rows[1]]
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -144,7 +150,8 @@ class LoRALinear(nn.Module):
             if y is not None:
                 return y
             weight = partial(base_weight, self.base_layer)  # called in forward and backward, never stored dense
-            return lora_linear(x, weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scale)
+            return lora_linear(x, weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scale,
+                               row_pieces(self.base_layer))  # fmt: skip
         result = self.base_layer(x)
         x = x.to(self.lora_A.weight.dtype)
         if self.lora_magnitude_vector is None:

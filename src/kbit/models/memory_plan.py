@@ -64,6 +64,10 @@ MARGIN_BYTES = GIB // 2  # at least this much (CUDA/cuBLAS workspaces created by
 PROBE_TOKENS = 16384  # the largest probe; longer batches are extrapolated from two probes
 LOGIT_BYTES = 10  # per logit without the fused loss: bf16 logits, their float32 copy and its gradient (as estimate)
 MIN_LOSS_ROWS = 256  # the smallest fused-loss chunk plan "memory" sets
+# Plan "memory" rebuilds a recomputed layer's larger 4-bit weights this much at a time in the fused LoRA nodes: the
+# 112 MiB dense weight of a Llama-3-8B MLP projection was the largest tensor of a 1 x 2048 step's peak. The pieces
+# cost launches, not bytes or FLOPs (each row of W is dequantized once either way).
+WEIGHT_PIECE_BYTES = 32 * 2**20
 RECOMPUTED = ("full", "offload")  # modes whose layer forward the backward replays (selective replays only cheap ops)
 
 
@@ -84,6 +88,7 @@ class MemoryPlan:
     line: str
     mlp_rows: int | None = None  # tokens per patched-MLP piece in the recomputed layers (None: the automatic rule)
     loss_rows: int | None = None  # tokens per chunk of the fused LM-head loss (None: its 256 MiB rule)
+    weight_piece_bytes: int | None = None  # recomputed layers rebuild larger 4-bit weights in row pieces this big
 
 
 def needed_bytes(modes: tuple[str, ...] | list[str], cost: LayerCost) -> int:
@@ -273,6 +278,7 @@ def plan_memory(
     reserve_bytes: int = 0,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     why: str = "as configured",
+    weight_pieces: bool = False,
 ) -> MemoryPlan:
     """The memory plan of ``mode`` for ``model`` at ``batch`` x ``seq_len``; logs and returns it.
 
@@ -280,7 +286,10 @@ def plan_memory(
     layer keeps its activations) less ``reserve_bytes`` (the step's other allocations, :func:`step_bytes`) and
     a safety margin. ``memory`` offloads every layer; a mode of :data:`checkpointing.MODES` applies to all (the
     line says ``why``). With recomputed layers and a patched MLP, ``mlp_rows`` is their MLP's piece size (the line
-    leaves it out: :func:`apply_plan`, which sets it on ``model``, says it). Nothing is changed on ``model`` here.
+    leaves it out: :func:`apply_plan`, which sets it on ``model``, says it). ``weight_pieces`` (plan ``memory``
+    only) also rebuilds the recomputed layers' larger 4-bit weights in row pieces of ``WEIGHT_PIECE_BYTES``: worth
+    it when the step runs as a CUDA graph, where the extra launches cost nothing; eager, they cost host time.
+    Nothing is changed on ``model`` here.
     """
     if mode not in PLAN_MODES:
         raise ValueError(f"memory plan must be one of {', '.join(PLAN_MODES)}, got {mode!r}")
@@ -306,6 +315,8 @@ def plan_memory(
         plan = MemoryPlan(plan.modes, plan.line, recompute_rows(model, batch * seq_len, autocast))
     if mode == "memory" and uses_fused_loss(model):
         plan = dataclasses.replace(plan, loss_rows=memory_loss_rows(batch * seq_len))
+    if mode == "memory" and weight_pieces:
+        plan = dataclasses.replace(plan, weight_piece_bytes=WEIGHT_PIECE_BYTES)
     log.info(plan.line)
     return plan
 
@@ -325,7 +336,34 @@ def apply_plan(model: nn.Module, plan: MemoryPlan) -> str:
     set_loss_chunk_rows(model, plan.loss_rows)
     if plan.loss_rows is not None:
         line += f"; the loss in chunks of at most {plan.loss_rows} tokens"
+    pieced = set_weight_pieces(model, plan.modes, plan.weight_piece_bytes)
+    if pieced:
+        line += (f"; {pieced} weight{'s' * (pieced > 1)} over {plan.weight_piece_bytes / 2**20:.0f} MiB dequantized "
+                 "in row pieces of that size")  # fmt: skip
     return line
+
+
+def weight_piece_rows(base: nn.Module, piece_bytes: int) -> int | None:
+    """Rows per dequantized piece of ``base``'s weight for pieces of ``piece_bytes`` (a multiple of 16 rows: whole
+    tensor-core tiles), or None when the whole weight is that small."""
+    itemsize = torch.empty((), dtype=base.compute_dtype).element_size()
+    rows = piece_bytes // (base.in_features * itemsize) // 16 * 16
+    return rows if 0 < rows < base.out_features else None
+
+
+def set_weight_pieces(model: nn.Module, modes: tuple[str, ...], piece_bytes: int | None) -> int:
+    """Set ``dequant_rows`` of the 4-bit weights of ``model``'s recomputed decoder layers for row pieces of
+    ``piece_bytes`` (None: whole weights everywhere); how many weights are pieced."""
+    from ..nn import Linear4bit
+
+    count = 0
+    for layer, mode in zip(decoder_layers(model), modes, strict=True):
+        for m in layer.modules():
+            if isinstance(m, Linear4bit):
+                rows = weight_piece_rows(m, piece_bytes) if piece_bytes and mode in RECOMPUTED else None
+                m.dequant_rows = rows
+                count += rows is not None
+    return count
 
 
 def memory_loss_rows(tokens: int) -> int:

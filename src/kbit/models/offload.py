@@ -8,8 +8,9 @@ on and brings it back one layer ahead in the backward, so the copies overlap wit
 - forward: ``torch.utils.checkpoint`` (non-reentrant) saves its inputs as saved tensors outside its own hooks,
   so a ``saved_tensors_hooks`` pair around the call sees exactly those (the layer's inner saves go to
   checkpoint's hooks, which store nothing). The pack hook copies the layer input into pinned host memory on a
-  side stream, after the compute stream's work so far; ``record_stream`` keeps the allocator from reusing the
-  GPU tensor's memory before the copy has read it. The forward never waits for a copy.
+  side stream, after the compute stream's work so far. The GPU tensor stays referenced until the layer's forward
+  is queued; then the compute stream waits for the copy (long done by then) and lets it go, so the allocator
+  reuses its memory only after the copy has read it.
 - backward: unpacking layer i's input (the start of its recomputation) starts the copy back of the input packed
   before it, layer i-1's, on the side stream; the compute stream waits on that copy's event only when layer i-1
   needs it. The first input needed (the last layer's) is copied back when asked for.
@@ -21,10 +22,15 @@ Registering costs about as much as writing the memory once, so each :class:`Offl
 :class:`HostPool` and reuses them from step to step; a buffer goes back to the pool when its saved input is freed
 (after the layer's backward), with an event that later copies into it wait for.
 
+A CUDA graph can capture all of it (:mod:`kbit.train.cuda_graph`): stream waits become the graph's edges, no
+``record_stream`` defers a free to the end of the capture, and the buffers a graph copies into are held by the pool
+for as long as it lives.
+
 On a CPU the same code runs with unregistered host buffers and no streams, so the CPU tests exercise the packing,
 the pool, the prefetch chain and the gradients.
 
-:class:`HostEmbedding` keeps a frozen input embedding table in host memory and sends only the looked-up rows over.
+:class:`HostEmbedding` keeps a frozen input embedding table in host memory, from which the GPU reads only the
+looked-up rows.
 """
 
 from __future__ import annotations
@@ -106,6 +112,7 @@ class HostPool:
 
     def __init__(self) -> None:
         self._free: list[HostBuffer] = []
+        self._held: list[HostBuffer] = []  # buffers a captured CUDA graph writes to: never released
 
     def take(self, nbytes: int, pin: bool) -> HostBuffer:
         """A buffer of at least ``nbytes`` (exactly ``nbytes`` when a new one is made)."""
@@ -116,6 +123,11 @@ class HostPool:
             return best
         self._free = [b for b in self._free if b.pinned != pin]  # too small for this step's inputs: release
         return HostBuffer(nbytes, pin)
+
+    def hold(self, buffer: HostBuffer) -> None:
+        """Keep ``buffer`` allocated for as long as this pool lives (a captured CUDA graph copies into it)."""
+        if all(b is not buffer for b in self._held):
+            self._held.append(buffer)
 
     def give_back(self, buffer: HostBuffer) -> None:
         """Keep ``buffer`` for a later :meth:`take` (its ``ready`` event marks its last queued copy)."""
@@ -132,15 +144,23 @@ class HostPool:
 
 
 class SavedInput:
-    """One layer input held in host memory, copied back to its device ahead of time or when unpacked."""
+    """One layer input held in host memory, copied back to its device ahead of time or when unpacked.
 
-    __slots__ = ("host", "buffer", "pool", "device", "stream", "previous", "fetched", "__weakref__")
+    Graph-safe on CUDA (a CUDA graph may capture the packing and unpacking): the GPU input is kept referenced until
+    the compute stream has been made to wait for its copy out (:meth:`release`), rather than handed to
+    ``record_stream``, whose deferred frees would hold every offloaded input until the end of a capture; no event
+    recorded outside a capture is waited on inside one."""
+
+    __slots__ = ("host", "buffer", "pool", "device", "stream", "previous", "fetched", "source", "copied",
+                 "__weakref__")  # fmt: skip
 
     def __init__(
         self, tensor: torch.Tensor, stream: torch.cuda.Stream | None, previous: weakref.ref | None, pool: HostPool
     ):
         self.device, self.stream, self.previous, self.pool = tensor.device, stream, previous, pool
         self.fetched: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+        self.source: torch.Tensor | None = None  # the GPU input, until the compute stream waits for its copy
+        self.copied: torch.cuda.Event | None = None
         nbytes = tensor.numel() * tensor.element_size()
         self.buffer = pool.take(nbytes, pin=stream is not None) if nbytes else None
         if self.buffer is None:
@@ -151,12 +171,24 @@ class SavedInput:
             if stream is None:
                 self.host.copy_(tensor)
                 return
+            capturing = torch.cuda.is_current_stream_capturing()
+            if capturing and self.buffer is not None:
+                pool.hold(self.buffer)  # the graph writes to it at every replay: never released
             stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the input has been written by then
-            if self.buffer is not None and self.buffer.ready is not None:
+            if self.buffer is not None and self.buffer.ready is not None and not capturing:
                 stream.wait_event(self.buffer.ready)  # the buffer's copies for an earlier step are done by then
             with torch.cuda.stream(stream):
                 self.host.copy_(tensor, non_blocking=True)
-            tensor.record_stream(stream)  # its memory is reused only after the copy has read it
+                self.copied = torch.cuda.Event()
+                self.copied.record()
+            self.source = tensor
+
+    def release(self) -> None:
+        """Let the GPU input go: the compute stream waits for its copy out first, so its memory is reused only after
+        the copy has read it (a no-op once done, and on a CPU)."""
+        if self.source is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.copied)
+            self.source = None
 
     def fetch(self) -> None:
         """Start the copy back to the device (once; a no-op while one is pending)."""
@@ -165,14 +197,15 @@ class SavedInput:
         if self.stream is None:
             self.fetched = (self.host.clone(), None)
             return
+        self.release()
         out = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)  # for the compute stream
         # The block may still be read by queued compute-stream kernels that freed it: the copy waits for them.
+        # The compute stream uses ``out`` only after waiting for ``done`` (unpack), so no record_stream is needed.
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             out.copy_(self.host, non_blocking=True)  # after this input's own copy out: same stream
             done = torch.cuda.Event()
             done.record()
-        out.record_stream(self.stream)
         self.fetched = (out, done)
 
     def unpack(self) -> torch.Tensor:
@@ -188,12 +221,20 @@ class SavedInput:
         return out
 
     def __del__(self) -> None:
+        if getattr(self, "fetched", None) is not None and self.fetched[1] is not None:
+            # fetched but never unpacked: its copy back may still be writing ``out``
+            torch.cuda.current_stream(self.device).wait_event(self.fetched[1])
+        if getattr(self, "source", None) is not None:
+            self.release()
         buffer = getattr(self, "buffer", None)
         if buffer is None:
             return
         if self.stream is not None:  # every copy of this buffer was queued on self.stream: after them
-            buffer.ready = torch.cuda.Event()
-            buffer.ready.record(self.stream)
+            if torch.cuda.is_current_stream_capturing():
+                buffer.ready = None  # a graph's copies are ordered by its replays; its events cannot be waited on
+            else:
+                buffer.ready = torch.cuda.Event()
+                buffer.ready.record(self.stream)
         self.pool.give_back(buffer)
 
 
@@ -231,12 +272,14 @@ class Offloader:
         # A list emptied after the call, not a closure over the tensor: the pack hook lives as long as the saved
         # tensor does and would otherwise keep the GPU input alive.
         target = [args[0]] if args and isinstance(args[0], torch.Tensor) else []
+        made: list[weakref.ref] = []
 
         def pack(t: torch.Tensor) -> Any:
             if not target or t is not target[0]:
                 return t  # other saved inputs (none from transformers' layers, whose kwargs are bound) stay put
             saved = SavedInput(t, self._stream(t.device), self._last, self.pool)
             self._last = weakref.ref(saved)
+            made.append(self._last)
             return saved
 
         kwargs.setdefault("use_reentrant", False)
@@ -245,11 +288,18 @@ class Offloader:
                 return checkpoint(function, *args, **kwargs)
         finally:
             target.clear()
+            for ref in made:  # the layer's forward is queued: its input's copy out has had that long to finish
+                if ref() is not None:
+                    ref().release()
 
 
 class HostEmbedding(nn.Module):
-    """An input embedding whose table stays in host memory: token ids are looked up on the CPU and only the rows,
-    [B, T, H], go to the device, so the [vocab, H] table (1 GiB for Llama-3-8B) takes no GPU memory.
+    """An input embedding whose table stays in host memory, so the [vocab, H] table (1 GiB for Llama-3-8B) takes no
+    GPU memory; only the looked-up rows, [B, T, H], go to the device.
+
+    For a CUDA model with a plain ``nn.Embedding`` the table is page-locked (a :class:`HostBuffer`) and the GPU reads
+    the rows straight from it (:func:`kbit.kernels.dispatch.gather_rows`): no synchronisation, so a CUDA graph can
+    capture the lookup. Other families' lookups (Gemma scales the rows) run on the CPU and send the rows over.
 
     The table is a buffer named ``weight``: the state dict keeps its key, ``parameters()`` (and so the optimizer and
     anything that finds a model's device from its first parameter) no longer see it. Frozen tables only.
@@ -258,7 +308,15 @@ class HostEmbedding(nn.Module):
     def __init__(self, embedding: nn.Embedding, device: torch.device):
         super().__init__()
         embedding.to("cpu")  # in place: its table and buffers (Gemma's scale), where the lookup runs
-        self.register_buffer("weight", embedding.weight.detach())  # the same storage, under the same key
+        table = embedding.weight.detach()
+        self.host: HostBuffer | None = None
+        if device.type == "cuda" and type(embedding) is nn.Embedding and table.is_contiguous():
+            self.host = HostBuffer(table.numel() * table.element_size(), pin=True)
+            pinned = self.host.data.view(table.dtype).view(table.shape)
+            pinned.copy_(table)
+            embedding.weight.data = pinned
+            table = pinned
+        self.register_buffer("weight", table)  # the same storage as the inner table, under the same key
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.padding_idx = embedding.padding_idx
         self.device = device  # where the looked-up rows go: the decoder layers'
@@ -266,6 +324,16 @@ class HostEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         inner = self.inner[0]
+        if self.host is not None and ids.is_cuda and inner.weight.data_ptr() == self.host.data.data_ptr():
+            from ..kernels.dispatch import gather_rows
+
+            if not torch.cuda.is_current_stream_capturing():  # the check synchronises: not inside a graph
+                bad = (ids < 0) | (ids >= self.num_embeddings)  # (a captured graph replays without this check)
+                if bad.any():
+                    raise IndexError(
+                        f"embedding: token id {int(ids[bad][0])} is outside the vocabulary of {self.num_embeddings}"
+                    )
+            return gather_rows(inner.weight, ids)
         rows = inner(ids.to(inner.weight.device))  # the family's own lookup (Gemma scales the rows)
         if rows.device.type == "cpu" and self.device.type == "cuda":
             return rows.pin_memory().to(self.device, non_blocking=True)

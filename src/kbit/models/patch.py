@@ -346,7 +346,11 @@ class ChunkedMLPFunction(torch.autograd.Function):
         ctx.fn, ctx.rows, ctx.params = fn, rows, params
         ctx.autocast = _autocast_state(x.device.type)
         ctx.autocast_cache = torch.is_autocast_cache_enabled()
-        ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
+        # Inside a CUDA graph capture no RNG state is kept: the graph refuses dropout (kbit.train.cuda_graph).
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        ctx.rng = (
+            None if capturing else (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
+        )
         ctx.save_for_backward(x)
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
@@ -361,12 +365,13 @@ class ChunkedMLPFunction(torch.autograd.Function):
         x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
         dx = torch.empty_like(x2) if need_dx else None
         sums: list[torch.Tensor | None] = [None] * len(params)
-        cpu_rng, dev_rng = ctx.rng
         with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.random.fork_rng(devices=[x.device] if dev_rng is not None else []))
-            torch.set_rng_state(cpu_rng)
-            if dev_rng is not None:
-                torch.cuda.set_rng_state(dev_rng, x.device)
+            if ctx.rng is not None:
+                cpu_rng, dev_rng = ctx.rng
+                stack.enter_context(torch.random.fork_rng(devices=[x.device] if dev_rng is not None else []))
+                torch.set_rng_state(cpu_rng)
+                if dev_rng is not None:
+                    torch.cuda.set_rng_state(dev_rng, x.device)
             for device_type, enabled, dtype in ctx.autocast:
                 stack.enter_context(
                     torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=ctx.autocast_cache)

@@ -62,6 +62,8 @@ class Linear4bit(nn.Module):
         check_storage(quant_storage)
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.compute_dtype, self.quant_storage = compute_dtype, quant_storage
+        # Rows per dequantized piece where the fused LoRA nodes rebuild W (None: whole): a memory plan's choice.
+        self.dequant_rows: int | None = None
         for name in _STATS:
             self.register_buffer(name, None, persistent=False)
         dev = torch.empty(0, device=device).device  # honours `with torch.device(...)` when device is None
@@ -175,10 +177,14 @@ class Linear4bit(nn.Module):
             nested_dtype=self.nested_dtype,
         )
 
-    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def dequantize(
+        self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None, rows: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """The weight [out_features, in_features] in ``dtype`` (default ``compute_dtype``), or written into ``out``
-        (that shape, rows possibly strided: the first columns of a wider buffer)."""
-        return dequantize_4bit(self._packed(), self.quant_state, out_dtype=dtype or self.compute_dtype, out=out)
+        (that shape, rows possibly strided: the first columns of a wider buffer); ``rows=(lo, hi)``: those rows."""
+        return dequantize_4bit(
+            self._packed(), self.quant_state, out_dtype=dtype or self.compute_dtype, out=out, rows=rows
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W^T + b`` computed in ``compute_dtype``, returned in ``x.dtype``; no state is modified."""

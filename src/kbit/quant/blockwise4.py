@@ -82,13 +82,23 @@ def dequantize_absmax(state: QuantState) -> torch.Tensor:
 
 
 def dequantize_4bit(
-    packed: torch.Tensor, state: QuantState, out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+    packed: torch.Tensor,
+    state: QuantState,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Dequantize ``packed`` (any storage dtype) to ``state.shape`` in ``out_dtype`` (default ``state.dtype``), or
-    into ``out`` (that shape; its rows may be strided: the first columns of a wider buffer)."""
+    into ``out`` (that shape; its rows may be strided: the first columns of a wider buffer). ``rows=(lo, hi)``:
+    only rows lo..hi of a 2-D weight (what a memory plan dequantizes at a time)."""
+    shape = state.shape
+    if rows is not None:
+        if len(shape) != 2 or not 0 <= rows[0] <= rows[1] <= shape[0]:
+            raise ValueError(f"dequantize_4bit: rows {rows} are not rows of a {tuple(shape)} weight")
+        shape = torch.Size((rows[1] - rows[0], shape[1]))
     if out is not None:
-        if out.shape != state.shape:
-            raise ValueError(f"dequantize_4bit: out is {tuple(out.shape)} but the weight is {tuple(state.shape)}")
+        if out.shape != shape:
+            raise ValueError(f"dequantize_4bit: out is {tuple(out.shape)} but the weight is {tuple(shape)}")
         out_dtype = out.dtype
     out_dtype = state.dtype if out_dtype is None else out_dtype
     validate.check_out_dtype(out_dtype)
@@ -101,7 +111,7 @@ def dequantize_4bit(
     raw = raw[:need]
     from ..kernels import dispatch
 
-    return dispatch.dequantize_4bit(raw, state, out_dtype, out)
+    return dispatch.dequantize_4bit(raw, state, out_dtype, out, rows)
 
 
 def view_storage(packed_u8: torch.Tensor, quant_storage: torch.dtype) -> torch.Tensor:

@@ -98,6 +98,7 @@ def _dequantize_4bit_kernel(
     nwords,
     row_words,  # STRIDED: words per row of the weight (its columns / 8: a word never straddles two rows)
     ld,  # STRIDED: the output's row stride in elements
+    row0,  # STRIDED: the weight's first row written (the output's row 0)
     BS: tl.constexpr,  # quantization blocksize (>= 32, so a word never straddles two blocks)
     WORDS: tl.constexpr,  # words per program
     NESTED: tl.constexpr,
@@ -106,7 +107,8 @@ def _dequantize_4bit_kernel(
     STRIDED: tl.constexpr,  # rows written ``ld`` elements apart (into a wider buffer) instead of back to back
 ):
     if STRIDED:  # a 2-D grid, (row, words of the row): no division, and each row's run stays visibly contiguous
-        row = tl.program_id(0).to(tl.int64)
+        orow = tl.program_id(0).to(tl.int64)  # the output's row
+        row = orow + row0  # the weight's
         cw = tl.program_id(1) * WORDS + tl.arange(0, WORDS)  # [WORDS] words within the row
         w = row * row_words + cw
         live = cw < row_words
@@ -138,7 +140,7 @@ def _dequantize_4bit_kernel(
         vals = tl.load(code_ptr + codes)
     v = mul_rn(vals, tl.broadcast_to(am[:, None], (WORDS, 8)))
     if STRIDED:
-        o = row * ld + cw[:, None] * 8 + j[None, :]  # [WORDS, 8]: one contiguous run within the row
+        o = orow * ld + cw[:, None] * 8 + j[None, :]  # [WORDS, 8]: one contiguous run within the row
         mask = live[:, None] & (j[None, :] < 8)
     else:
         o = w[:, None] * 8 + j[None, :]  # [WORDS, 8] output indices, row-major: one contiguous run
@@ -188,10 +190,21 @@ def dequantize_4bit(
     num_warps: int = DEQUANT_WARPS,
     gather: bool = DEQUANT_GATHER,
     out: torch.Tensor | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Dequantize flat packed CUDA bytes with ``state`` to ``state.shape`` in one pass (double quant too); into
-    ``out`` when given (``state.shape``, rows may be strided: a 2-D weight written into columns of a wider buffer)."""
+    ``out`` when given (``state.shape``, rows may be strided: a 2-D weight written into columns of a wider buffer).
+    ``rows=(lo, hi)``: only those rows of a 2-D weight ([hi - lo, columns])."""
     n = state.shape.numel()
+    if rows is not None:
+        lo, hi = rows
+        if len(state.shape) != 2 or not 0 <= lo <= hi <= state.shape[0] or state.shape[1] % 8:
+            raise ValueError(f"dequantize_4bit: rows {rows} of a {tuple(state.shape)} weight (2-D, columns a "
+                             "multiple of 8)")  # fmt: skip
+        if out is None:
+            out = torch.empty((hi - lo, state.shape[1]), dtype=out_dtype, device=raw.device)
+        if hi == lo:
+            return out
     dev = raw.device
     raw = raw.contiguous()
     if raw.numel() % 4 or raw.data_ptr() % 4:
@@ -200,13 +213,14 @@ def dequantize_4bit(
         padded[: raw.numel()] = raw
         raw = padded
     words = raw.view(torch.int32)
-    strided = out is not None and not out.is_contiguous()
+    strided = rows is not None or (out is not None and not out.is_contiguous())
     if out is None:
         out = torch.empty(state.shape, dtype=out_dtype, device=dev)
     elif strided and (out.dim() != 2 or out.stride(1) != 1 or out.shape[1] % 8):
         raise ValueError(f"dequantize_4bit: out must be contiguous or 2-D rows of a multiple of 8 elements, got "
                          f"shape {tuple(out.shape)} strides {out.stride()}")  # fmt: skip
     row_words, ld = (out.shape[1] // 8, out.stride(0)) if strided else (1, 1)
+    row0 = rows[0] if rows is not None else 0
     code = state.code.to(dev, torch.float32)
     if state.nested:
         extra = (state.nested_absmax.to(dev), state.nested_code.to(dev, torch.float32), state.offset.to(dev))
@@ -229,6 +243,7 @@ def dequantize_4bit(
         words.numel(),
         row_words,
         ld,
+        row0,
         BS=state.blocksize,
         WORDS=words_per_program,
         NESTED=state.nested,
