@@ -235,9 +235,10 @@ def train_step(model, opt, mode: str, ids: torch.Tensor, marks: dict | None = No
 
 
 def graphed_step(graphed, opt, ids: torch.Tensor) -> torch.Tensor:
-    """One step through a GraphedStep (its replay computes the gradients) and the optimizer outside it."""
+    """One step through a GraphedStep (its replay adds the gradients) and the optimizer outside it."""
     loss = graphed.step({"ids": ids})
     opt.step()
+    opt.zero_grad(set_to_none=False)  # the graph adds into these tensors
     return loss
 
 
@@ -293,7 +294,7 @@ def run_mode(model, config, mode: str, batch: int, seq_len: int, warmup: int, st
             if graphed and memory_snapshot is not None and i == warmup - 1:  # the capture and its first replay
                 snapshot_step(functools.partial(graphed_step, graphed, opt, ids), memory_snapshot)
                 loss = graphed.loss
-            elif graphed:  # the optimizer outside the graph; each replay writes fresh gradients (no zero_grad)
+            elif graphed:  # the optimizer outside the graph
                 loss = graphed_step(graphed, opt, ids)
             else:
                 loss = train_step(model, opt, mode, ids, marks)

@@ -89,7 +89,8 @@ def test_graphed_steps_train_as_eager_steps(plan, host_embedding, optim, pieces,
             opts[0].step()
             opts[0].zero_grad(set_to_none=True)
             got = graphed.step(batch).item()
-            opts[1].step()  # no zero_grad: each replay writes fresh gradients
+            opts[1].step()
+            opts[1].zero_grad(set_to_none=False)  # the graph adds into these tensors
             losses.append((want, got))
     assert graphed.graph is not None
     for want, got in losses:
@@ -100,3 +101,70 @@ def test_graphed_steps_train_as_eager_steps(plan, host_embedding, optim, pieces,
         torch.testing.assert_close(b.lora_B.weight, a.lora_B.weight, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="pad or pack every batch to one shape"):
         graphed.step({"ids": torch.zeros(2, 25, dtype=torch.long, device="cuda")})
+
+
+@pytest.mark.gpu
+def test_graphs_accumulate_over_replays_of_two_shapes_sharing_a_pool():
+    """Micro-batches of two shapes, each its own graph in one shared pool, accumulate into the same gradients as
+    the eager backward passes do (gradient accumulation over a window)."""
+    eager = qlora("cuda")
+    set_checkpointing(eager, "full")
+    graphed_model = copy.deepcopy(eager)
+    params = [p for p in graphed_model.parameters() if p.requires_grad]
+    pool = torch.cuda.graph_pool_handle()
+    steps = {n: GraphedStep(lambda b: _forward_backward(graphed_model, b), params, 1, packed=False, pool=pool)
+             for n in (24, 16)}  # fmt: skip
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for _ in range(3):  # warm-ups, captures, replays
+        for m in (eager, graphed_model):
+            m.zero_grad(set_to_none=m is eager)
+        for n, graphed in steps.items():
+            batch = {"ids": torch.randint(0, 256, (2, n), device="cuda", generator=gen)}
+            want = _forward_backward(eager, batch)
+            torch.testing.assert_close(graphed.step(batch), want, rtol=1e-5, atol=1e-6)
+        for (name, a), b in zip([(n, p) for n, p in eager.named_parameters() if p.requires_grad], params, strict=True):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(g.graph is not None for g in steps.values())
+
+
+def test_trainer_refuses_cuda_graphs_where_they_cannot_run(make_model, tmp_path):
+    from train_testing import synthetic_examples, train_config
+
+    from kbit.train import Trainer
+    from kbit.train.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r"^cuda_graph: needs lora_dropout: 0 .*lora_dropout is 0\.05\)$"):
+        build_config(overrides=train_config(tmp_path, cuda_graph=True, lora_dropout=0.05))
+    config = train_config(tmp_path, cuda_graph=True, lora_dropout=0.0)
+    with pytest.raises(ConfigError, match="^cuda_graph: needs a CUDA GPU, the model is on cpu; set cuda_graph: false"):
+        Trainer(make_model(dropout=0.0), None, synthetic_examples(4), None, config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packing", [False, True])
+def test_trainer_with_cuda_graphs_trains_as_eager(tiny_llama_dir, tmp_path, packing):
+    """kbit train's cuda_graph: the same losses and adapter as the eager run, over steps of two accumulated
+    micro-batches of varying shapes (padded rows) or packed rows; the graphs were captured and replayed."""
+    from train_testing import synthetic_examples, train_config
+
+    from kbit.lora import add_lora
+    from kbit.models.load import load_model
+    from kbit.train import Trainer
+
+    runs = {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = load_model(tiny_llama_dir, bits=4, compute_dtype=torch.bfloat16, device="cuda")
+        add_lora(model, r=4, alpha=8, dropout=0.0)
+        config = train_config(tmp_path / str(graphs), cuda_graph=graphs, lora_dropout=0.0, max_steps=6,
+                              per_device_train_batch_size=2, gradient_accumulation_steps=2, packing=packing,
+                              memory_plan="full")  # fmt: skip
+        trainer = Trainer(model, None, synthetic_examples(12, seed=3), None, config)
+        losses = trainer.train().losses
+        runs[graphs] = (losses, {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad})
+        if graphs:
+            assert trainer.graphs and any(g.graph is not None for g in trainer.graphs.values())
+    (losses0, params0), (losses1, params1) = runs[False], runs[True]
+    torch.testing.assert_close(torch.tensor(losses1), torch.tensor(losses0), rtol=1e-3, atol=1e-3)
+    for name, p in params0.items():
+        torch.testing.assert_close(params1[name], p, rtol=1e-2, atol=1e-3, msg=name)

@@ -150,6 +150,13 @@ class TrainConfig:
         "Gemma2, Phi3; auto: on for CUDA, off on CPU (same values through the PyTorch reference, no speed-up)",
         "training",
     )
+    cuda_graph: bool = _key(
+        False,
+        "capture each micro-batch shape's forward and backward in a CUDA graph after one eager run, then replay it: "
+        "removes the host's launch overhead at small batches (1.7x at 1 x 2048 on an H100); one GPU, the fast "
+        "path, lora_dropout 0; the optimizer, clipping and schedule stay eager",
+        "training",
+    )
     seed: int = _key(42, "seed of the data order, LoRA initialisation and dropout", "training")
     resume: bool | str = _key(
         False,
@@ -214,6 +221,11 @@ class TrainConfig:
         need(self.lora_r >= 1, "lora_r", "must be a positive integer")
         need(self.lora_alpha > 0, "lora_alpha", "must be > 0")
         need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        if self.cuda_graph and self.lora_dropout:
+            raise ConfigError(
+                "cuda_graph: needs lora_dropout: 0 (a replayed graph would reuse the captured dropout masks; "
+                f"lora_dropout is {self.lora_dropout})"
+            )
         one_of("lora_init", LORA_INITS)
         need(self.lora_init != "loftq" or self.bits == 4, "lora_init", "loftq needs bits: 4")
         need(bool(self.target_modules), "target_modules", "must name at least one layer (or be all-linear)")

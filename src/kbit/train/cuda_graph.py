@@ -14,16 +14,19 @@ What a graph needs, and what this module checks or arranges:
   and while capturing builds an explicit mask instead; ``GraphedStep(packed=False)`` (batches of one sequence per
   row) skips the check during the capture so the causal attention kernels run;
 - no random numbers (dropout off: a replay would draw the captured ones again, :func:`check_graphable` refuses it);
-- tensors that outlive a step in fixed places: the batch is copied into static inputs, and the gradients are made
-  by the captured backward and rewritten by each replay (so they must not be set to None: run the optimizer's
-  ``step`` after :meth:`GraphedStep.step` and do not call ``zero_grad``: each replay writes fresh gradients);
+- tensors that outlive a step in fixed places: the batch is copied into static inputs, and every trainable
+  parameter's ``.grad`` is a tensor allocated before the capture, into which the captured backward adds in place
+  (as ``loss.backward()`` does). So gradient accumulation over several replays works as it does eagerly; zero them
+  with ``optimizer.zero_grad(set_to_none=False)`` between optimizer steps (a gradient set to None is zeroed and put
+  back before the next replay, at the cost of one launch per parameter);
 - warm-up steps before the capture, on a side stream, so lazy initialisation (cuBLAS handles, Triton compilation,
   the caching allocator's pools, host buffers) happens outside the graph. These are real forward and backward passes.
 
 The optimizer step stays outside the graph, so any optimizer works (paged and 8-bit states included) and the
 learning-rate schedule and gradient clipping stay ordinary Python. Capturing records the step without running it,
-so :meth:`GraphedStep.step` on the capturing batch replays right after the capture: every call computes the
-gradients of its batch exactly once.
+so :meth:`GraphedStep.step` on the capturing batch replays right after the capture: every call adds the gradients
+of its batch exactly once. Several GraphedSteps (one per batch shape) can share one memory pool (``pool``): their
+replays run one after the other and keep nothing in it between replays but their loss.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def _rows_unpacked(on: bool):
 class GraphedStep:
     """``step_fn`` (forward and backward of a batch dict) run through one CUDA graph per batch shape."""
 
-    def __init__(self, step_fn: StepFn, params: list[torch.Tensor], warmup: int = 2, packed: bool = True):
+    def __init__(self, step_fn: StepFn, params: list[torch.Tensor], warmup: int = 2, packed: bool = True, pool=None):
         self.step_fn = step_fn
         # Batches may pack several sequences into one row (position ids restart within it): the safe default. False
         # (one sequence per row) lets the captured attention skip the mask (_rows_unpacked).
@@ -113,39 +116,45 @@ class GraphedStep:
         # One side stream for the warm-ups and the capture: cuBLAS keeps a workspace per stream it ran on (32 MiB on
         # Hopper), so a new stream per warm-up would leave one behind each time.
         self.stream: torch.cuda.Stream | None = None
+        self.pool = pool  # torch.cuda.graph_pool_handle() shared with other GraphedSteps, or None: its own
+        self.grads: list[torch.Tensor] = []  # the parameters' gradients the graph adds into
 
     def _shape(self, batch: dict[str, torch.Tensor]) -> dict:
         return {k: (tuple(v.shape), v.dtype, v.device) for k, v in batch.items()}
 
     def step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The gradients of ``batch`` into the parameters' ``.grad`` (replacing what was there); returns its loss (a
-        tensor the next call overwrites: copy it to keep it)."""
+        """Add the gradients of ``batch`` to the parameters' ``.grad``, as ``loss.backward()`` would; returns its loss
+        (a tensor the next call overwrites: copy it to keep it)."""
         if self.stream is None:
             self.stream = torch.cuda.Stream()
         if self.warmup > 0:  # eager steps on the side stream: lazy initialisation stays out of the graph
             self.warmup -= 1
-            for p in self.params:
-                p.grad = None
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
                 loss = self.step_fn(batch).detach()
             torch.cuda.current_stream().wait_stream(self.stream)
             return loss
         if self.graph is None:
-            for p in self.params:  # made by the captured backward, in the graph's memory: fixed places
-                p.grad = None
+            for p in self.params:  # fixed places outside the graph's memory, which the captured backward adds into
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            self.grads = [p.grad for p in self.params]
             self.static = {k: v.clone() for k, v in batch.items()}
             self.graph = torch.cuda.CUDAGraph()
             torch.cuda.synchronize()
             if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):  # streams' workspaces from before: made again on use
                 torch._C._cuda_clearCublasWorkspaces()
-            with torch.cuda.graph(self.graph, stream=self.stream), _rows_unpacked(not self.packed):
+            with torch.cuda.graph(self.graph, pool=self.pool, stream=self.stream), _rows_unpacked(not self.packed):
                 self.loss = self.step_fn(self.static).detach()
         elif self._shape(batch) != self._shape(self.static):
             raise ValueError(
                 f"cuda graph: captured for batch {self._shape(self.static)}, got {self._shape(batch)}; pad or pack "
                 "every batch to one shape"
             )
+        for p, g in zip(self.params, self.grads, strict=True):
+            if p.grad is not g:  # set to None (or replaced) since: zero, and put the graph's tensor back
+                g.zero_()
+                p.grad = g
         for k, v in batch.items():
             self.static[k].copy_(v)
         self.graph.replay()

@@ -56,6 +56,9 @@ from .progress import Progress, memory_gib
 from .schedule import OptimizerFactory, build_optimizer, build_scheduler, lr_factor, warmup_steps
 
 Callback = Callable[["Trainer", dict[str, Any]], None]
+# cuda_graph: at most this many micro-batch shapes get a graph (each costs a capture and pool memory); the rest run
+# eagerly. Packed or fixed-length batches have one or two shapes; padding to each batch's longest row has many.
+MAX_GRAPHS = 8
 
 
 class TrainingDiverged(RuntimeError):
@@ -166,6 +169,9 @@ class Trainer:
         else:
             self.optimizer = optimizer(self.params)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        # CUDA graphs: one GraphedStep per micro-batch shape, all sharing one memory pool (None: eager)
+        self.graphs: dict[tuple, Any] | None = self._check_graphable(model) if cfg.cuda_graph else None
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.graphs is not None else None
         self.callbacks = list(callbacks)
         # one folder for all ranks: rank 0's (a default name holds the time, which may differ by a second)
         self.output_dir = Path(self.dist.broadcast_object(str(default_output_dir(cfg))))
@@ -174,6 +180,25 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.metrics: MetricsLogger | None = None
         self._rng_before_step: dict[str, Any] | None = None
+
+    def _check_graphable(self, model: torch.nn.Module) -> dict:
+        """An empty table of graphs, or a ConfigError saying why ``cuda_graph: true`` cannot run here."""
+        from .cuda_graph import check_graphable
+
+        if self.device.type != "cuda":
+            raise ConfigError(f"cuda_graph: needs a CUDA GPU, the model is on {self.device}; set cuda_graph: false")
+        if self.dist.distributed:
+            raise ConfigError("cuda_graph: one process only for now (a torchrun job runs eager); set cuda_graph: false")
+        if not self.fused_loss:
+            raise ConfigError(
+                "cuda_graph: needs the fast path's fused loss (fast_path: true on a supported family); set "
+                "cuda_graph: false"
+            )
+        try:
+            check_graphable(model)
+        except ValueError as e:
+            raise ConfigError(f"cuda_graph: {str(e).removeprefix('cuda graph: ')}") from None
+        return {}
 
     def _plan_memory(self, model: torch.nn.Module):
         """Choose what each decoder layer keeps for the backward (:mod:`kbit.models.memory_plan`) and apply it."""
@@ -209,6 +234,7 @@ class Trainer:
                 reserve_bytes=reserve or 0,
                 autocast=self.autocast,
                 why=why,
+                weight_pieces=cfg.cuda_graph,  # plan memory's row pieces cost launches: free inside a graph
             )
             apply_plan(model, plan)  # checkpointing per layer, and the MLP pieces of the recomputed layers
         except ValueError as e:
@@ -230,6 +256,8 @@ class Trainer:
         from ..models.memory_plan import apply_plan
 
         self.optimizer.zero_grad(set_to_none=True)  # the failed attempt's partial gradients
+        if self.graphs:
+            self.graphs.clear()  # captured with the old plan: capture again under the new one
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         kept = self.memory_plan.modes.count("none")
@@ -339,6 +367,11 @@ class Trainer:
             raise ValueError(f"step {self.step + 1}: its micro-batches hold no target token; check the labels")
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
+            if self.graphs is not None:
+                loss = self._graphed_micro_batch(batch, self.dist.world_size / n_targets)
+                if loss is not None:
+                    total += loss
+                    continue
             with sync_gradients(self.forward_model, sync=i == len(micro_batches) - 1):
                 loss_sum, _ = self.loss_sum(batch)
                 loss = loss_sum / n_targets
@@ -348,6 +381,37 @@ class Trainer:
         if self.dist.distributed:
             total = self.dist.all_reduce(total.reshape(1))[0].to(total.dtype)
         return total
+
+    def _graphed_micro_batch(self, batch: Batch, scale: float) -> torch.Tensor | None:
+        """One micro-batch's forward and backward (its summed loss times ``scale``) through the CUDA graph of its
+        shape, capturing it on the shape's second micro-batch; returns the scaled loss, or None once there are
+        ``MAX_GRAPHS`` shapes (the caller runs it eagerly)."""
+        from .cuda_graph import GraphedStep
+
+        # One unpadded sequence per row: no attention mask at all, so the captured attention runs causal (kernels
+        # without a mask). Read on the host copy of the batch: no synchronisation.
+        whole = batch.position_ids is None and bool(batch.attention_mask.all())
+        inputs = batch.to(self.device).model_inputs(self.mask_dtype)
+        if whole:
+            del inputs["attention_mask"]
+        inputs["scale"] = torch.tensor(scale, dtype=torch.float32, device=self.device)
+        key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(inputs.items()))
+        graph = self.graphs.get(key)
+        if graph is None:
+            if len(self.graphs) >= MAX_GRAPHS:
+                return None
+            graph = self.graphs[key] = GraphedStep(self._graph_body, self.params, 1, packed=not whole,
+                                                   pool=self.graph_pool)  # fmt: skip
+        return graph.step(inputs).clone()
+
+    def _graph_body(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What a micro-batch's graph captures: the fused summed loss, scaled, and its backward."""
+        inputs = {k: v for k, v in b.items() if k not in ("scale", "labels")}
+        with self.autocast():
+            out = self.forward_model(**inputs, **self.no_cache, labels=b["labels"], num_items_in_batch=1)
+        loss = out.loss.float() * b["scale"]
+        loss.backward()
+        return loss.detach()
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -425,7 +489,7 @@ class Trainer:
                         ckpt.set_rng_state(self._rng_before_step)  # the same dropout masks as a first try
                         continue
                     self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.optimizer.zero_grad(set_to_none=self.graphs is None)  # graphs add into fixed tensors
                     self.step += 1
                     tokens = sum(int(b.attention_mask.sum()) for b in micro)
                     memory = memory_gib(self.device)
@@ -522,6 +586,9 @@ class Trainer:
         ]
         if self.fast_path_line:
             lines.insert(2, self.fast_path_line)
+        if self.graphs is not None:
+            lines.insert(3, f"cuda graphs: each micro-batch shape's forward and backward captured on its second use "
+                            f"and replayed (at most {MAX_GRAPHS} shapes; the optimizer runs eagerly)")  # fmt: skip
         if resumed_from is not None:
             lines.append(f"resumed from {resumed_from} at step {self.step}")
         print("\n".join(lines), flush=True)
