@@ -91,18 +91,21 @@ def gemv_rows(copy_bw: float, label: str = "kbit", row_counts: tuple[int, ...] =
         torch.cuda.empty_cache()
 
 
-def sweep_configs() -> dict[int, tuple[int, ...]]:
-    """Time GEMV tilings (BLOCK_N, blocks per iteration, warps, stages, mode) at 1 row; returns the best
-    over all shapes for each arithmetic mode (exact, factored, the no-table bandwidth probe, PRMT lookups), and
-    under the key None the fastest of the modes the decoder may use (factored, lut)."""
+def sweep_configs(modes: tuple[int, ...] | None = None) -> dict[int, tuple[int, ...]]:
+    """Time GEMV tilings (BLOCK_N, blocks per iteration, warps, stages, mode; ROWS: rows per group, groups per
+    program, warps, stages, ROWS) at 1 row; returns the best over all shapes for each arithmetic mode (exact,
+    factored, the no-table bandwidth probe, PRMT lookups, PRMT lookups over whole rows), and under the key None the
+    fastest of the modes the decoder may use (factored, lut, rows)."""
     from functools import partial
 
     from kbit.kernels.triton import gemv4
     from kbit.quant import quantize_4bit
 
-    modes = (gemv4.EXACT, gemv4.FACTORED, gemv4.PROBE, gemv4.LUT)
-    configs = [(bn, nb, w, 1, mode) for mode in modes for bn in (4, 8, 16) for nb in (4, 8, 16)
+    modes = modes or (gemv4.EXACT, gemv4.FACTORED, gemv4.PROBE, gemv4.LUT, gemv4.ROWS)
+    configs = [(bn, nb, w, 1, mode) for mode in modes if mode != gemv4.ROWS for bn in (4, 8, 16) for nb in (4, 8, 16)
                for w in (2, 4)]  # fmt: skip
+    if gemv4.ROWS in modes:
+        configs += [(rt, it, w, 1, gemv4.ROWS) for rt in (1, 2, 4, 8) for it in (2, 4, 8) for w in (4, 8, 16)]
     total = dict.fromkeys(configs, 0.0)
     for n, k in ((14336, 4096), (4096, 4096), (4096, 14336)):
         copies = max(2, -(-200 * 2**20 // (n * k // 2)))
@@ -122,7 +125,8 @@ def sweep_configs() -> dict[int, tuple[int, ...]]:
         ranked = sorted(((c, us) for c, us in total.items() if c[4] == mode), key=lambda kv: kv[1])
         emit(part="sweep", mode=mode, best=[dict(config=c, sum_us=round(us, 1)) for c, us in ranked[:5]])
         best[mode] = ranked[0][0]
-    best[None] = min((best[gemv4.FACTORED], best[gemv4.LUT]), key=total.__getitem__)
+    usable = [best[m] for m in (gemv4.FACTORED, gemv4.LUT, gemv4.ROWS) if m in best]
+    best[None] = min(usable, key=total.__getitem__)
     return best
 
 
@@ -254,6 +258,8 @@ def main() -> None:
     p.add_argument("--skip-gemv", action="store_true")
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--sweep", action="store_true", help="time GEMV tilings first (sets gemv4.CONFIG)")
+    p.add_argument("--sweep-modes", type=int, nargs="+", default=None,
+                   help="gemv4 modes to sweep (0 exact, 1 factored, 2 probe, 3 lut, 4 rows; default all)")  # fmt: skip
     p.add_argument("--gemv-config", default=None, help="BLOCK_N,NB,warps,stages,mode for gemv4.CONFIG (a sweep's)")
     p.add_argument("--profile", action="store_true", help="also profile one eager decode step by kernel")
     p.add_argument("--unsloth", action="store_true", help="also run Unsloth's inference mode (needs its wheels)")
@@ -270,10 +276,11 @@ def main() -> None:
     if args.sweep:
         from kbit.kernels.triton import gemv4
 
-        best = sweep_configs()
-        gemv4.CONFIG = best[gemv4.EXACT]
-        gemv_rows(bw, "kbit exact", (1,))
-        gemv4.CONFIG = best[None]  # the rest of the run uses the faster of the decoder's modes (factored, lut)
+        best = sweep_configs(tuple(args.sweep_modes) if args.sweep_modes else None)
+        if gemv4.EXACT in best:
+            gemv4.CONFIG = best[gemv4.EXACT]
+            gemv_rows(bw, "kbit exact", (1,))
+        gemv4.CONFIG = best[None]  # the rest of the run uses the fastest of the decoder's modes (factored, lut, rows)
         emit(part="config", gemv=list(gemv4.CONFIG))
     if not args.skip_gemv:
         gemv_rows(bw)

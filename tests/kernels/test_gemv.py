@@ -63,7 +63,8 @@ def test_gemv_matches_dequantized_matmul(shape, nested, extras, quant_type):
     assert torch.isfinite(y).all()
 
 
-MODES = {"exact": 0, "factored": 1, "lut": 3}
+MODES = {"exact": 0, "factored": 1, "lut": 3, "rows": 4}
+CONFIGS = {"exact": (8, 4, 2, 1, 0), "factored": (8, 4, 2, 1, 1), "lut": (8, 4, 2, 1, 3), "rows": (4, 3, 4, 1, 4)}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -75,20 +76,20 @@ def test_modes_and_ragged_tiles(mode, dtype):
     w = (torch.randn(n, k, generator=g) * 0.02).to(dtype).to(DEV)
     packed, state = quantize_4bit(w, "nf4", 64, True)
     x = torch.randn(1, k, generator=g).to(dtype).to(DEV)
-    arith = MODES[mode]
-    y = gemv4.gemv_4bit(x, packed, state, config=(8, 4, 2, 1, arith))
+    y = gemv4.gemv_4bit(x, packed, state, config=CONFIGS[mode])  # rows: groups of 4 rows, 3 a program
     deq = dequantize_4bit(packed, state, out_dtype=dtype)
     ref = _reference(x, deq, None, None, None, 1.0)
     assert y.dtype == dtype
     # LUT modes multiply bfloat16-rounded codes (as bitsandbytes' GEMV does): up to 2^-8 relative per code
-    assert ((y.double() - ref).norm() / ref.norm()).item() < (6e-3 if mode.startswith("lut") else 4e-3)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < (6e-3 if mode in ("lut", "rows") else 4e-3)
     if mode == "exact":  # the same weights: only float32 summation order differs, then one rounding
         assert ((y.double() - ref).abs() <= ref.abs() * 2**-7 + 1e-6).all()
 
 
+@pytest.mark.parametrize("tiling", ["lut", "rows"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("blocksize", [64, 128])
-def test_lut_mode_multiplies_bfloat16_codes(quant_type, blocksize):
+def test_lut_mode_multiplies_bfloat16_codes(quant_type, blocksize, tiling):
     """LUT mode (PRMT lookups on a GPU) equals, to float32 summation order, the sum over blocks of the block scale
     times the bfloat16-rounded codes times x: every one of a word's eight codes is looked up in its place."""
     g = torch.Generator().manual_seed(blocksize + (quant_type == "fp4"))
@@ -100,7 +101,7 @@ def test_lut_mode_multiplies_bfloat16_codes(quant_type, blocksize):
     values = lut[:16].cpu().double()
     bf16_codes = state.code.cpu().float().to(torch.bfloat16).double()
     assert ((values - bf16_codes).abs() <= bf16_codes.abs() * 2**-22).all()  # to 2^-16 of a bfloat16 step
-    y = gemv4.gemv_4bit(x, packed, state, config=(8, 4, 2, 1, gemv4.LUT))
+    y = gemv4.gemv_4bit(x, packed, state, config=CONFIGS[tiling])
     raw = packed.cpu().reshape(-1)
     codes = torch.stack([raw >> 4, raw & 15], dim=1).reshape(n, k).long()  # element 2i: high nibble of byte i
     blocks = (values[codes] * x.cpu().double()).reshape(n, k // blocksize, blocksize).sum(-1)
@@ -167,3 +168,20 @@ def test_lora_down_partials_feed_the_epilogue(k):
     y_parts = gemv4.gemv_4bit(x, packed, state, None, parts[:, 16:32], lora_b, 2.0)
     y_rounded = gemv4.gemv_4bit(x, packed, state, None, xa_bf16, lora_b, 2.0)
     assert ((y_parts.float() - y_rounded.float()).abs() <= y_rounded.float().abs() * 2**-7 + 1e-3).all()
+
+
+def test_rows_tiling_with_bias_lora_and_residual_equals_lut():
+    """The whole-row tiling (x loaded once per program) gives LUT's result with every epilogue term: the same
+    products, summed in another order."""
+    g = torch.Generator().manual_seed(7)
+    n, k, r = (40, 512, 4) if INTERPRET else (4096, 4096, 16)
+    w = (torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16).to(DEV)
+    packed, state = quantize_4bit(w, "nf4", 64, True)
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16).to(DEV)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16).to(DEV)
+    a = (torch.randn(r, k, generator=g) * 0.05).to(torch.bfloat16).to(DEV)
+    b = (torch.randn(n, r, generator=g) * 0.05).to(torch.bfloat16).to(DEV)
+    res = torch.randn(1, n, generator=g).to(torch.bfloat16).to(DEV)
+    xa = gemv4.lora_down(x, a)
+    ys = {t: gemv4.gemv_4bit(x, packed, state, bias, xa, b, 2.0, res, config=CONFIGS[t]) for t in ("lut", "rows")}
+    torch.testing.assert_close(ys["rows"].float(), ys["lut"].float(), rtol=2**-7, atol=2**-7)

@@ -36,6 +36,7 @@ from ...quant.state import QuantState
 from .rounding import add_rn, mul_rn, round_to
 
 EXACT, FACTORED, PROBE, LUT = 0, 1, 2, 3  # arithmetic modes (module docstring)
+ROWS = 4  # LUT's arithmetic, tiled by whole rows with x loaded once per program: config (RT, ITERS, warps, 1, ROWS)
 # Triton's interpreter (CPU tests) runs no PTX: LUT mode then gathers the same values from a float32 table.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_N, blocks per iteration, num_warps, num_stages, mode): the best tiling summed over the three Llama-3-8B
@@ -277,6 +278,15 @@ def _gemv4_kernel(
                                          nmask, kb0, KH, KB, HB, NB, BLOCK_N, NESTED, NESTED_BS)  # fmt: skip
             y += _tile_sum(byte, xw, am, code_ptr, dt, X_BF16, MODE)
             byte, xw, am = nbyte, nxw, nam
+    _epilogue(y, n, nmask, bias_ptr, xa_ptr, lb_ptr, res_ptr, out_ptr, R, XS, XA_STRIDE, lora_scale, RP, XSP,
+              HAS_BIAS, HAS_LORA, HAS_RES)  # fmt: skip
+
+
+@triton.jit
+def _epilogue(y, n, nmask, bias_ptr, xa_ptr, lb_ptr, res_ptr, out_ptr, R, XS, XA_STRIDE, lora_scale, RP: tl.constexpr,
+              XSP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RES: tl.constexpr):  # fmt: skip
+    """Features ``n``'s sums ``y`` (float32) + bias + LoRA, rounded, + residual, stored in the output's dtype."""
+    dt = out_ptr.dtype.element_ty
     if HAS_BIAS:
         y += tl.load(bias_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     if HAS_LORA:
@@ -291,6 +301,48 @@ def _gemv4_kernel(
     if HAS_RES:  # round, then add as a separate op would: the residual stream's values do not change
         y = round_to(y, dt).to(tl.float32) + tl.load(res_ptr + n, mask=nmask, other=0.0).to(tl.float32)
     tl.store(out_ptr + n, round_to(y, dt), mask=nmask)
+
+
+@triton.jit
+def _gemv4_rows_kernel(
+    x_ptr, words_ptr, absmax_ptr, code_ptr, nested_ptr, code8_ptr, offset_ptr, bias_ptr, xa_ptr, lb_ptr, res_ptr,
+    out_ptr, N, KW, R, XS, XA_STRIDE, lora_scale, BS: tl.constexpr, NESTED: tl.constexpr, NESTED_BS: tl.constexpr,
+    RT: tl.constexpr, ITERS: tl.constexpr, KBP: tl.constexpr, RP: tl.constexpr, XSP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RES: tl.constexpr, X_BF16: tl.constexpr,
+    USE_ASM: tl.constexpr,
+):  # fmt: skip
+    # ROWS mode: each program streams ITERS groups of RT whole rows (every block of K at once, KBP >= K / BS
+    # blocks) with x loaded once into registers before the loop, in the layout every row's tile uses: no x reloads
+    # per tile and no layout conversion inside the loop. The next group's words are loaded before this one is summed.
+    WPB: tl.constexpr = BS // 8
+    KB = KW // WPB
+    kb = tl.arange(0, KBP)
+    bmask = kb < KB
+    t = tl.arange(0, WPB)
+    xr = kb[:, None, None] * (WPB * 4) + t[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    xw = tl.load(x_ptr + xr, mask=bmask[:, None, None], other=0)
+    x02, x13 = tl.split(tl.reshape(xw, (KBP, WPB, 2, 2)))
+    x0, x2 = tl.split(x02)
+    x1, x3 = tl.split(x13)
+    x0, x1, x2, x3 = x0[None, :, :], x1[None, :, :], x2[None, :, :], x3[None, :, :]
+    first = tl.program_id(0).to(tl.int64) * (ITERS * RT)
+    n = first + tl.arange(0, RT)
+    nmask = n < N
+    woff = n[:, None, None] * KW + kb[None, :, None] * WPB + t[None, None, :]
+    q = tl.load(words_ptr + woff, mask=nmask[:, None, None] & bmask[None, :, None], other=0)
+    am = _block_scales(absmax_ptr, nested_ptr, code8_ptr, offset_ptr, n, nmask, kb, bmask, KB, RT, KBP, NESTED,
+                       NESTED_BS)  # fmt: skip
+    for it in range(1, ITERS + 1):
+        nn = first + it * RT + tl.arange(0, RT)
+        nnmask = (nn < N) & (it < ITERS)
+        noff = nn[:, None, None] * KW + kb[None, :, None] * WPB + t[None, None, :]
+        nq = tl.load(words_ptr + noff, mask=nnmask[:, None, None] & bmask[None, :, None], other=0)
+        nam = _block_scales(absmax_ptr, nested_ptr, code8_ptr, offset_ptr, nn, nnmask, kb, bmask, KB, RT, KBP,
+                            NESTED, NESTED_BS)  # fmt: skip
+        y = _tile_sum_lut(q, x0, x1, x2, x3, am, code_ptr, X_BF16, USE_ASM)
+        _epilogue(y, n, nmask, bias_ptr, xa_ptr, lb_ptr, res_ptr, out_ptr, R, XS, XA_STRIDE, lora_scale, RP, XSP,
+                  HAS_BIAS, HAS_LORA, HAS_RES)  # fmt: skip
+        q, am, n, nmask = nq, nam, nn, nnmask
 
 
 def lut_table(code: torch.Tensor, build: bool = True) -> torch.Tensor | None:
@@ -350,7 +402,11 @@ def gemv_4bit(
         extra = (state.absmax, state.absmax, state.absmax)  # unused pointers
         nested_bs = 1
     bn, nb, warps, stages, mode = config or CONFIG
-    nb = max(1, nb * 64 // state.blocksize)  # tuned at blocksize 64: keep the bytes per iteration
+    rows_mode = mode == ROWS
+    if rows_mode:  # (RT, ITERS): rows per group, groups per program
+        mode = LUT
+    else:
+        nb = max(1, nb * 64 // state.blocksize)  # tuned at blocksize 64: keep the bytes per iteration
     if mode == LUT:
         # The codes are read as 32-bit words; the table is built by kernels, which a CUDA graph capture must not
         # record (its memory would belong to the graph): a weight first seen while capturing takes FACTORED.
@@ -365,6 +421,18 @@ def gemv_4bit(
     if has_lora and xa.stride(1) != 1:
         xa = xa.contiguous()
     parts = xa.shape[0] if has_lora else 1
+    if rows_mode and mode == LUT:
+        _gemv4_rows_kernel[(triton.cdiv(n, bn * nb),)](
+            x.view(torch.int32), raw, state.absmax, code, *extra, bias if bias is not None else out,
+            xa if has_lora else out, lora_b.contiguous() if has_lora else out,
+            residual.contiguous() if residual is not None else out, out, n, k // 8, rank, parts,
+            xa.stride(0) if has_lora else 0, float(lora_scale), BS=state.blocksize, NESTED=state.nested,
+            NESTED_BS=nested_bs, RT=bn, ITERS=nb, KBP=triton.next_power_of_2(k // state.blocksize),
+            RP=triton.next_power_of_2(rank), XSP=triton.next_power_of_2(parts), HAS_BIAS=bias is not None,
+            HAS_LORA=has_lora, HAS_RES=residual is not None, X_BF16=x.dtype == torch.bfloat16, USE_ASM=not _INTERPRETED,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        return out
     _gemv4_kernel[(triton.cdiv(n, bn),)](
         x.view(torch.int32),
         raw,
