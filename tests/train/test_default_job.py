@@ -47,3 +47,18 @@ def test_default_job_quick(tmp_path, capsys):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 15]
     assert "eval loss" in out and "accuracy (16 held-out)" in out and "before:" in out and "after:" in out
+
+
+def test_answers_are_batched_with_a_tokenizer_that_has_no_padding_token(make_model, char_tokenizer):
+    """Prompts of different lengths are left-padded with the end-of-text token when the tokenizer has no padding
+    token (Llama 3's; the GGUF SmolLM2 tokenizer under transformers 5.17), and the tokenizer is left as it was."""
+    from kbit.train.default_job import answer_prompts
+
+    tok = char_tokenizer
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tok.pad_token = None
+    records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "x"}]}
+               for q in ("a", "hello there")]  # fmt: skip
+    answers = answer_prompts(make_model(), tok, records, max_new_tokens=3)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert tok.pad_token is None and tok.padding_side == "right"

@@ -48,11 +48,13 @@ def answer_prompts(
     prompts = [
         tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in records
     ]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    side, tokenizer.padding_side = (
-        tokenizer.padding_side,
-        "left",
-    )  # answers must start right after each prompt
+    # A tokenizer without a padding token (Llama 3's; SmolLM2's GGUF under some transformers versions) refuses to
+    # pad: left padding with the end-of-text token is masked out anyway. Both are put back afterwards.
+    side, pad_token = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"  # answers must start right after each prompt
+    if pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    pad = tokenizer.pad_token_id
     was_training = model.training
     model.eval()
     answers: list[str] = []
@@ -77,6 +79,8 @@ def answer_prompts(
                 answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
+        if pad_token is None:
+            tokenizer.pad_token = None
         model.train(was_training)
     return [a.strip() for a in answers]
 
