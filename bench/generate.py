@@ -102,8 +102,8 @@ def sweep_configs(modes: tuple[int, ...] | None = None) -> dict[int, tuple[int, 
     from kbit.quant import quantize_4bit
 
     modes = modes or (gemv4.EXACT, gemv4.FACTORED, gemv4.PROBE, gemv4.LUT, gemv4.ROWS)
-    configs = [(bn, nb, w, 1, mode) for mode in modes if mode != gemv4.ROWS for bn in (4, 8, 16) for nb in (4, 8, 16)
-               for w in (2, 4)]  # fmt: skip
+    configs = [(bn, nb, w, 1, mode) for mode in modes if mode != gemv4.ROWS for bn in (4, 8, 16)
+               for nb in (4, 8, 16, 32) for w in (2, 4, 8)]  # fmt: skip
     if gemv4.ROWS in modes:
         configs += [(rt, it, w, 1, gemv4.ROWS) for rt in (1, 2, 4, 8) for it in (2, 4, 8) for w in (4, 8, 16)]
     total = dict.fromkeys(configs, 0.0)

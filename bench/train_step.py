@@ -6,6 +6,7 @@
     python3 bench/train_step.py --device cpu --preset tiny --batches 1 --seq-len 64 --steps 2   # smoke test
     python3 bench/train_step.py --modes fast-auto --batches 8 --warmup 1 --steps 3 --profile    # GPU time per class
     python3 bench/train_step.py --modes fast-auto --batches 1 --seq-len 400000 --warmup 0 --steps 1  # long context
+    python3 bench/train_step.py --modes fast-memory --batches 1 --cuda-graph --optim paged_adamw_8bit  # memory, 1x2048
 
 Model: bench/train_memory.py's random Llama of the preset's shape (NF4 + double quant built directly on the device,
 nothing downloaded; ``--layers N`` keeps the first N decoder layers' shape with fewer of them), LoRA r=16 alpha 32
@@ -56,6 +57,15 @@ cross-entropy (the head's matmuls, a dimension equal to the vocabulary, and the 
 memset, dtype and layout copies), other (elementwise adds, LoRA scaling, the optimizer). Kernels are classed by
 their name and by the CPU ops that launched them (their input shapes, the autograd Function around them). On a CPU
 the same table gives each op's self CPU time. ``--trace FILE`` also writes the Chrome trace of that step.
+``--host-profile N`` runs one more step under cProfile (its N most expensive Python functions: where a host-bound
+step's time goes), ``--sync-debug`` one under torch.profiler listing the CUDA calls that made the host wait (with the
+ops and frames around them), ``--memory-snapshot FILE`` one recording the allocator's history (with ``--cuda-graph``:
+the capture) for ``bench/peak_memory.py``, which prints what is alive at the step's peak. Each CUDA row also reports
+``host_ms``, the host time to queue one step without waiting for the GPU.
+
+``--cuda-graph`` captures each mode's forward and backward in a CUDA graph after the warm-up (kbit.train.cuda_graph;
+the optimizer runs outside it, so any ``--optim`` works; with plan memory the larger weights are rebuilt in row
+pieces, which only pays inside a graph).
 
 ``--peers`` runs the peer scripts of ../shared/bench (``--peer-dir``), one subprocess per stack after kbit's
 model is freed, when their packages import (transformers + bitsandbytes + PEFT; Liger; Unsloth), and adds the
