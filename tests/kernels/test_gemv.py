@@ -185,3 +185,75 @@ def test_rows_tiling_with_bias_lora_and_residual_equals_lut():
     xa = gemv4.lora_down(x, a)
     ys = {t: gemv4.gemv_4bit(x, packed, state, bias, xa, b, 2.0, res, config=CONFIGS[t]) for t in ("lut", "rows")}
     torch.testing.assert_close(ys["rows"].float(), ys["lut"].float(), rtol=2**-7, atol=2**-7)
+
+
+def _gluon():
+    try:
+        from kbit.kernels.triton import gemv4_smem
+    except ImportError:  # a Triton without Gluon
+        pytest.skip("this Triton has no Gluon")
+    return gemv4_smem
+
+
+@pytest.mark.skipif(INTERPRET, reason="Gluon kernels run on a GPU only")
+def test_smem_path_equals_factored_with_every_epilogue_term():
+    """The shared-memory-table kernel (Hopper) gives FACTORED's result with bias, LoRA partial sums and the residual,
+    with and without programmatic dependent launch; the dispatcher takes it for a bfloat16 row."""
+    smem = _gluon()
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the shared-memory-table kernel is for Hopper and newer")
+    g = torch.Generator().manual_seed(11)
+    for n, k in ((4096, 4096), (14336, 4096), (96, 320)):
+        w = (torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16).to(DEV)
+        packed, state = quantize_4bit(w, "nf4", 64, True)
+        x = torch.randn(1, k, generator=g).to(torch.bfloat16).to(DEV)
+        bias = torch.randn(n, generator=g).to(torch.bfloat16).to(DEV)
+        a = (torch.randn(16, k, generator=g) * 0.05).to(torch.bfloat16).to(DEV)
+        b = (torch.randn(n, 16, generator=g) * 0.05).to(torch.bfloat16).to(DEV)
+        res = torch.randn(1, n, generator=g).to(torch.bfloat16).to(DEV)
+        xa = gemv4.lora_down(x, a)
+        # FACTORED: the same float32 codes and scale-times-block-sum, summed in another order
+        factored = gemv4.gemv_4bit(x, packed, state, bias, xa, b, 2.0, res, config=CONFIGS["factored"])
+        for pdl in (False, True):
+            y = smem.gemv_4bit(x, packed.reshape(-1), state, bias, xa, b, 2.0, res, pdl=pdl)
+            torch.testing.assert_close(y.float(), factored.float(), rtol=2**-7, atol=2**-6)
+        # the dispatcher's default: the same kernel, bit for bit
+        assert torch.equal(gemv4.gemv_4bit(x, packed, state, bias, xa, b, 2.0, res), y)
+        # fp32 codes: closer to the dequantized weights than LUT's bfloat16 codes
+        deq = dequantize_4bit(packed, state, out_dtype=torch.bfloat16)
+        ref = _reference(x, deq, bias, xa.sum(0, keepdim=True).to(torch.bfloat16), b, 2.0) + res.double()
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 4e-3
+
+
+@pytest.mark.skipif(INTERPRET, reason="Gluon kernels run on a GPU only")
+def test_smem_path_chained_in_a_cuda_graph_waits_for_its_input():
+    """Launched as programmatic dependents in one CUDA graph, each GEMV reads x only after the kernel writing it has
+    finished: a chain of four GEMVs (each one's output the next one's input) replays to the eager results."""
+    smem = _gluon()
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the shared-memory-table kernel is for Hopper and newer")
+    g = torch.Generator().manual_seed(12)
+    n = 4096
+    qs = [quantize_4bit((torch.randn(n, n, generator=g) * 0.02).to(torch.bfloat16).to(DEV), "nf4", 64, True)
+          for _ in range(4)]  # fmt: skip
+    x = torch.randn(1, n, generator=g).to(torch.bfloat16).to(DEV)
+
+    def chain(x):
+        for packed, state in qs:
+            x = gemv4.gemv_4bit(x, packed, state) * 8  # an eager op between two of them as well
+            x = gemv4.gemv_4bit(x, packed, state)
+        return x
+
+    eager = chain(x)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        out = chain(x)
+    for _ in range(3):
+        x.copy_(torch.randn(1, n, generator=g).to(torch.bfloat16).to(DEV))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, chain(x))
+    assert smem.smem_table(qs[0][1].code, build=False) is not None
+    assert torch.isfinite(eager).all()

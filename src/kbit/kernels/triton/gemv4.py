@@ -365,6 +365,22 @@ def lut_table(code: torch.Tensor, build: bool = True) -> torch.Tensor | None:
     return lut
 
 
+def _smem_path(x: torch.Tensor, raw: torch.Tensor, state: QuantState) -> bool:
+    """True when the shared-memory-table kernel (gemv4_smem, Gluon) takes this call: a Hopper or newer GPU, a
+    bfloat16 row, word-aligned codes, blocks of a multiple of 32, a Triton with Gluon, and (while a CUDA graph is
+    being captured) a table already built. ``KBIT_GEMV_SMEM=0`` turns it off."""
+    if os.environ.get("KBIT_GEMV_SMEM", "1") == "0" or _INTERPRETED or not x.is_cuda or x.dtype != torch.bfloat16:
+        return False
+    if raw.data_ptr() % 4 or state.blocksize % 32 or torch.cuda.get_device_capability(x.device) < (9, 0):
+        return False
+    try:
+        from . import gemv4_smem
+    except ImportError:  # a Triton without Gluon (or another Gluon API)
+        return False
+    capturing = torch.cuda.is_current_stream_capturing()
+    return not capturing or gemv4_smem.smem_table(state.code, build=False) is not None
+
+
 def supports(state: QuantState, k: int, dtype: torch.dtype = torch.bfloat16) -> bool:
     """True when the kernel handles this weight and input: whole blocks per row (no block straddles two rows),
     a 16-bit compute dtype."""
@@ -393,6 +409,10 @@ def gemv_4bit(
     n = state.shape[0]
     x = x.contiguous() if x.storage_offset() % 2 == 0 else x.clone()  # read as 32-bit words
     raw = raw.reshape(-1)
+    if config is None and _smem_path(x, raw, state):
+        from . import gemv4_smem
+
+        return gemv4_smem.gemv_4bit(x, raw, state, bias, xa, lora_b, lora_scale, residual)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     code = state.code if state.code.dtype == torch.float32 else state.code.float()
     if state.nested:

@@ -1,0 +1,246 @@
+"""Gluon kernel for decoding: the 4-bit GEMV of gemv4.py (same arguments, epilogue and rounding) with its code
+lookups served from a table in shared memory, for Hopper and newer.
+
+Why: the register lookups (gemv4's LUT mode, PRMT) cost ~4 integer-pipe instructions per code, and Triton's layouts
+added barriers to every iteration; both capped it at 36% of copy bandwidth. Here a byte of codes costs one PRMT and
+one IMAD (its table address) and one 8-byte shared load of both float32 codes; Gluon's explicit layouts keep every
+reduction inside a thread until a row group ends. The table has 16 copies so a half warp's loads never conflict.
+Launched as a programmatic dependent: weights, scales and the table are read before ``griddepcontrol.wait``, x and
+the output after it, so the launch and first loads overlap the previous kernel. bench/RESULTS.md, "Session 7".
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from ...quant.state import QuantState
+
+# One copy per lane of a half warp: an 8-byte shared load of 16 lanes then touches each bank once (no conflicts).
+TABLE_COPIES: gl.constexpr = gl.constexpr(16)
+TABLE_WORDS: gl.constexpr = gl.constexpr(256 * 16 * 2)
+
+
+# Byte j of a word of codes to its table entry's address (PRMT moves the byte to the bottom, zeroing the rest; the
+# multiply-add runs on the FMA pipe), then both float32 codes in one 8-byte shared load.
+_LOOKUP = gl.constexpr("""{
+.reg .b32 t;
+prmt.b32 t, $2, 0, $3;
+mad.lo.u32 t, t, 128, $4;
+ld.shared.v2.f32 {$0, $1}, [t];
+}""")
+
+
+@gluon.jit
+def _mul_rn(a, b):
+    return gl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=gl.float32, is_pure=True,
+                                     pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _add_rn(a, b):
+    return gl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=gl.float32, is_pure=True,
+                                     pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _load_w(w_ptr, absmax_ptr, nested_ptr, code8_ptr, offset, rows, rmask, k0, K, KW, KB, woff, cq, BS: gl.constexpr,
+            NESTED: gl.constexpr, NESTED_BS: gl.constexpr):  # fmt: skip
+    """Packed words [R, CH, 4] and chunk scales [R, CH] of columns k0 .. k0 + 32 CH."""
+    kw0 = k0 // 8
+    m2 = gl.expand_dims(rmask, 1) & gl.expand_dims((k0 + cq * 32) < K, 0)
+    q = gl.load(w_ptr + gl.expand_dims(gl.expand_dims(rows.to(gl.int64) * KW + kw0, 1), 2) + woff,
+                mask=gl.expand_dims(m2, 2), other=0)  # fmt: skip
+    ab = gl.expand_dims(rows * KB, 1) + gl.expand_dims((k0 + cq * 32) // BS, 0)
+    if NESTED:
+        q8 = gl.load(absmax_ptr + ab, mask=m2, other=0).to(gl.int32)
+        am = _add_rn(_mul_rn(gl.load(code8_ptr + q8), gl.load(nested_ptr + ab // NESTED_BS, mask=m2, other=0.0)),
+                     offset)  # fmt: skip
+    else:
+        am = gl.load(absmax_ptr + ab, mask=m2, other=0.0)
+    return q, am
+
+
+@gluon.jit
+def _load_x(x_ptr, k0, K, xoff, cx):
+    """x words [CH, 4, 4] of columns k0 .. k0 + 32 CH."""
+    return gl.load(x_ptr + (k0 // 8) * 4 + xoff, mask=gl.expand_dims(gl.expand_dims((k0 + cx * 32) < K, 1), 2),
+                   other=0)  # fmt: skip
+
+
+@gluon.jit
+def _epilogue(y, n, nmask, bias_ptr, xa_ptr, lb_ptr, res_ptr, out_ptr, R, XS, XA_STRIDE, lora_scale, LS: gl.constexpr,
+              RP: gl.constexpr, XSP: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LORA: gl.constexpr,
+              HAS_RES: gl.constexpr):  # fmt: skip
+    """Rows ``n``'s float32 sums ``y`` + bias + LoRA, rounded, + residual, stored: as gemv4's epilogue rounds."""
+    dt: gl.constexpr = out_ptr.dtype.element_ty
+    if HAS_BIAS:
+        y += gl.load(bias_ptr + n, mask=nmask, other=0.0).to(gl.float32)
+    if HAS_LORA:
+        r = gl.arange(0, RP, layout=gl.SliceLayout(0, LS))
+        sp = gl.arange(0, XSP, layout=gl.SliceLayout(1, LS))
+        xa = gl.load(xa_ptr + gl.expand_dims(sp, 1) * XA_STRIDE + gl.expand_dims(r, 0),
+                     mask=gl.expand_dims(sp < XS, 1) & gl.expand_dims(r < R, 0), other=0.0)  # fmt: skip
+        xa = gl.sum(xa.to(gl.float32), axis=0).to(dt).to(gl.float32)  # as F.linear(x, A) would round it
+        lb = gl.load(lb_ptr + gl.expand_dims(n, 1) * R + gl.expand_dims(r, 0),
+                     mask=gl.expand_dims(nmask, 1) & gl.expand_dims(r < R, 0), other=0.0)  # fmt: skip
+        y += lora_scale * gl.sum(lb.to(gl.float32) * gl.expand_dims(xa, 0), axis=1)
+    if HAS_RES:  # round, then add as a separate op would
+        y = y.to(dt).to(gl.float32) + gl.load(res_ptr + n, mask=nmask, other=0.0).to(gl.float32)
+    gl.store(out_ptr + n, y.to(dt), mask=nmask)
+
+
+@gluon.jit
+def _gemv4_smem_kernel(
+    x_ptr, w_ptr, absmax_ptr, table_ptr, nested_ptr, code8_ptr, offset_ptr, bias_ptr, xa_ptr, lb_ptr, res_ptr, out_ptr,
+    N, K, KW, KB, NGROUPS, R_LORA, XS, XA_STRIDE, lora_scale, BS: gl.constexpr, NESTED: gl.constexpr,
+    NESTED_BS: gl.constexpr, RT: gl.constexpr, REP: gl.constexpr, NUM_WARPS: gl.constexpr, PDL: gl.constexpr,
+    RP: gl.constexpr, XSP: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LORA: gl.constexpr, HAS_RES: gl.constexpr,
+):  # fmt: skip
+    # [rows, 32-code chunks, words of a chunk, bytes of a word]: a thread holds RT rows x REP chunks of 16 bytes;
+    # the lanes of a warp read consecutive chunks of a row (coalesced) and their x words (16 each, consecutive).
+    L4: gl.constexpr = gl.BlockedLayout([RT, 1, 4, 4], [1, 32, 1, 1], [NUM_WARPS, 1, 1, 1], [3, 2, 1, 0])
+    LQ: gl.constexpr = gl.SliceLayout(3, L4)  # [R, CH, 4] packed words
+    LX: gl.constexpr = gl.SliceLayout(0, L4)  # [CH, 4, 4] x words
+    LS: gl.constexpr = gl.SliceLayout(2, LQ)  # [R, CH] chunk sums and scales
+    R: gl.constexpr = RT * NUM_WARPS
+    CH: gl.constexpr = 32 * REP
+    TL: gl.constexpr = gl.BlockedLayout([4], [32], [NUM_WARPS], [0])
+
+    rows0 = gl.arange(0, R, layout=gl.SliceLayout(1, LS))
+    cq = gl.arange(0, CH, layout=gl.SliceLayout(0, LS))
+    wq = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LQ)))
+    cx = gl.arange(0, CH, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX)))
+    wx = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX)))
+    jx = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX)))
+    xoff = (gl.expand_dims(gl.expand_dims(cx, 1), 2) * 16 + gl.expand_dims(gl.expand_dims(wx, 0), 2) * 4
+            + gl.expand_dims(gl.expand_dims(jx, 0), 1))  # fmt: skip
+    woff = gl.expand_dims(gl.expand_dims(cq, 0), 2) * 4 + gl.expand_dims(gl.expand_dims(wq, 0), 1)  # [1, CH, 4]
+    offset = gl.load(offset_ptr) if NESTED else 0.0
+    KSTEPS = gl.cdiv(K, CH * 32)
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    total = gl.cdiv(NGROUPS - pid, nprog) * KSTEPS  # (group, step) pairs of this program
+
+    if PDL:  # the next kernel may start its own prologue as soon as SMs free up
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                                  pack=1)  # fmt: skip
+    # The first step's weight loads go out before the table is written: they overlap its copy and the barrier.
+    rows = pid * R + rows0
+    rmask = rows < N
+    q, am = _load_w(w_ptr, absmax_ptr, nested_ptr, code8_ptr, offset, rows, rmask, 0, K, KW, KB, woff, cq, BS, NESTED,
+                    NESTED_BS)  # fmt: skip
+
+    # The table: entry e (a byte: codes e >> 4 and e & 15) as two float32, TABLE_COPIES copies side by side.
+    tbl = gl.allocate_shared_memory(gl.float32, [TABLE_WORDS], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    tbl.store(gl.load(table_ptr + gl.arange(0, TABLE_WORDS, layout=TL)))
+    gl.thread_barrier()
+    if PDL:  # x (and the output) belong to the previous kernel until it has finished
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+    xw = _load_x(x_ptr, 0, K, xoff, cx)
+    base = gl.inline_asm_elementwise("mov.u32 $0, global_smem;", "=r,r", [cq], dtype=gl.int32, is_pure=True,
+                                     pack=1)  # fmt: skip
+    base3 = gl.expand_dims(gl.expand_dims(base + (cq % TABLE_COPIES) * 8, 0), 2)  # [1, CH, 1]: this lane's copy
+
+    acc = gl.zeros([R, CH], gl.float32, LS)
+    for t in range(total):
+        # Issue the next step's loads (the next group's first after a group's last) before this one is summed.
+        t1 = t + 1
+        g1 = pid + (t1 // KSTEPS) * nprog
+        rows1 = g1 * R + rows0
+        rmask1 = (rows1 < N) & (t1 < total)
+        k1 = (t1 % KSTEPS) * (CH * 32)
+        nq, nam = _load_w(w_ptr, absmax_ptr, nested_ptr, code8_ptr, offset, rows1, rmask1, k1, K, KW, KB, woff, cq,
+                          BS, NESTED, NESTED_BS)  # fmt: skip
+        nxw = _load_x(x_ptr, k1, K, xoff, cx)
+        # x words per byte of a packed word (j = 0..3), split in registers, as [1, CH, 4] tiles beside q
+        x02, x13 = gl.split(gl.reshape(xw, [CH, 4, 2, 2]))
+        x0, x2 = gl.split(x02)
+        x1, x3 = gl.split(x13)
+        part = gl.zeros([R, CH, 4], gl.float32, LQ)
+        for j in gl.static_range(4):
+            xj = x0 if j == 0 else (x1 if j == 1 else (x2 if j == 2 else x3))
+            xj = gl.expand_dims(gl.convert_layout(xj, gl.SliceLayout(0, LQ)), 0)
+            ve, vo = gl.inline_asm_elementwise(_LOOKUP, "=f,=f,r,r,r", [q, 0x4440 + j, base3],
+                                               dtype=(gl.float32, gl.float32), is_pure=True, pack=1)  # fmt: skip
+            part = ve * (xj << 16).to(gl.float32, bitcast=True) + part  # one FMA chain per word
+            part = vo * (xj & -65536).to(gl.float32, bitcast=True) + part
+        acc += am * gl.sum(part, axis=2)
+        if t % KSTEPS == KSTEPS - 1:
+            orow = (pid + (t // KSTEPS) * nprog) * R + rows0
+            _epilogue(gl.sum(acc, axis=1), orow, orow < N, bias_ptr, xa_ptr, lb_ptr, res_ptr, out_ptr, R_LORA, XS,
+                      XA_STRIDE, lora_scale, LS, RP, XSP, HAS_BIAS, HAS_LORA, HAS_RES)  # fmt: skip
+            acc = gl.zeros([R, CH], gl.float32, LS)
+        q, xw, am = nq, nxw, nam
+
+
+def smem_table(code: torch.Tensor, build: bool = True) -> torch.Tensor | None:
+    """The kernel's shared-memory table for a 16-entry code table, built on its device and cached (a CUDA graph
+    capture must not build it): [256 bytes,
+    TABLE_COPIES, 2] float32, entry (b, c) = (code[b >> 4], code[b & 15])."""
+    table = getattr(code, "_kbit_smem_table", None)
+    if table is None and build:
+        c = code.to(torch.float32)
+        b = torch.arange(256, device=code.device)
+        pair = torch.stack([c[b >> 4], c[b & 15]], dim=1)  # [256, 2]
+        table = code._kbit_smem_table = pair[:, None, :].expand(256, TABLE_COPIES, 2).contiguous().reshape(-1)
+    return table
+
+
+def config_for(n: int, k: int) -> tuple[int, int, int, int]:
+    """(rows per thread, 32-code chunks per lane, warps, programs per SM) for an [n, k] weight: the H100 sweep's
+    best (bench/gemv_smem_sweep.py): tall weights take more rows per thread, wide or square ones more chunks."""
+    return (8, 1, 8, 1) if n >= 2 * k else (4, 2, 8, 2)
+
+
+def gemv_4bit(
+    x: torch.Tensor,
+    raw: torch.Tensor,
+    state: QuantState,
+    bias: torch.Tensor | None = None,
+    xa: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    lora_scale: float = 1.0,
+    residual: torch.Tensor | None = None,
+    config: tuple[int, int, int, int] | None = None,
+    pdl: bool = True,
+) -> torch.Tensor:
+    """``x [1, K] @ dequant(W)^T + bias + lora_scale * xa @ lora_b^T`` then ``+ residual``: the arguments and
+    rounding of :func:`kbit.kernels.triton.gemv4.gemv_4bit`, for a word-aligned packed weight whose table is built
+    (:func:`smem_table`). ``pdl``: launched as a programmatic dependent of the previous kernel (Hopper)."""
+    k = x.shape[1]
+    n = state.shape[0]
+    rt, rep, warps, per_sm = config or config_for(n, k)
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    if state.nested:
+        extra = (state.nested_absmax, state.nested_code, state.offset)
+        nested_bs = state.nested_blocksize
+    else:
+        extra = (state.absmax, state.absmax, state.absmax)  # unused pointers
+        nested_bs = 1
+    has_lora = xa is not None
+    rank = lora_b.shape[1] if has_lora else 1
+    if has_lora and xa.stride(1) != 1:
+        xa = xa.contiguous()
+    parts = xa.shape[0] if has_lora else 1
+    groups = triton.cdiv(n, rt * warps)
+    grid = (min(groups, _sm_count(x.device) * per_sm),)
+    _gemv4_smem_kernel[grid](
+        x.view(torch.int32), raw.reshape(-1).view(torch.int32), state.absmax, smem_table(state.code), *extra,
+        bias if bias is not None else out, xa if has_lora else out, lora_b.contiguous() if has_lora else out,
+        residual.contiguous() if residual is not None else out, out, n, k, k // 8, k // state.blocksize, groups, rank,
+        parts, xa.stride(0) if has_lora else 0, float(lora_scale), BS=state.blocksize, NESTED=state.nested,
+        NESTED_BS=nested_bs, RT=rt, REP=rep, NUM_WARPS=warps, PDL=pdl, RP=triton.next_power_of_2(rank),
+        XSP=triton.next_power_of_2(parts), HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+        HAS_RES=residual is not None, num_warps=warps, launch_pdl=pdl,
+    )  # fmt: skip
+    return out
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
