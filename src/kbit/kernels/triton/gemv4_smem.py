@@ -4,7 +4,7 @@ lookups served from a table in shared memory, for Hopper and newer.
 Why: the register lookups (gemv4's LUT mode, PRMT) cost ~4 integer-pipe instructions per code, and Triton's layouts
 added barriers to every iteration; both capped it at 36% of copy bandwidth. Here a byte of codes costs one PRMT and
 one IMAD (its table address) and one 8-byte shared load of both float32 codes; Gluon's explicit layouts keep every
-reduction inside a thread until a row group ends. The table has 16 copies so a half warp's loads never conflict.
+reduction inside a thread until a row group ends. The table is replicated so that a shared load never conflicts.
 Launched as a programmatic dependent: weights, scales and the table are read before ``griddepcontrol.wait``, x and
 the output after it, so the launch and first loads overlap the previous kernel. bench/RESULTS.md, "Session 7".
 """
@@ -20,19 +20,37 @@ from triton.experimental.gluon import language as gl
 
 from ...quant.state import QuantState
 
-# One copy per lane of a half warp: an 8-byte shared load of 16 lanes then touches each bank once (no conflicts).
-TABLE_COPIES: gl.constexpr = gl.constexpr(16)
-TABLE_WORDS: gl.constexpr = gl.constexpr(256 * 16 * 2)
-
-
 # Byte j of a word of codes to its table entry's address (PRMT moves the byte to the bottom, zeroing the rest; the
 # multiply-add runs on the FMA pipe), then both float32 codes in one 8-byte shared load.
 _LOOKUP = gl.constexpr("""{
 .reg .b32 t;
 prmt.b32 t, $2, 0, $3;
 mad.lo.u32 t, t, 128, $4;
-ld.shared.v2.f32 {$0, $1}, [t];
+ld.shared.v2.b32 {$0, $1}, [t];
 }""")
+# The bfloat16 table: both codes in one 4-byte word (even element's in the low half), so half the shared-memory
+# wavefronts of the float32 one; the float32 values are the halves moved to the top (low bits zero).
+_LOOKUP_BF16 = gl.constexpr("""{
+.reg .b32 t, w;
+prmt.b32 t, $2, 0, $3;
+mad.lo.u32 t, t, 128, $4;
+ld.shared.b32 w, [t];
+shl.b32 $0, w, 16;
+and.b32 $1, w, 0xFFFF0000;
+}""")
+
+
+@gluon.jit
+def _quarters(t, layout: gl.constexpr):
+    """The four slices along the last axis (size 4, held by one thread) of a 2-D or 3-D ``t``, in ``layout``."""
+    if len(t.shape) == 3:
+        a, b = gl.split(gl.reshape(t, [t.shape[0], t.shape[1], 2, 2]))  # (0, 2) and (1, 3)
+    else:
+        a, b = gl.split(gl.reshape(t, [t.shape[0], 2, 2]))
+    t0, t2 = gl.split(a)
+    t1, t3 = gl.split(b)
+    return (gl.convert_layout(t0, layout), gl.convert_layout(t1, layout), gl.convert_layout(t2, layout),
+            gl.convert_layout(t3, layout))  # fmt: skip
 
 
 @gluon.jit
@@ -48,21 +66,44 @@ def _add_rn(a, b):
 
 
 @gluon.jit
-def _load_w(w_ptr, absmax_ptr, nested_ptr, code8_ptr, offset, rows, rmask, k0, K, KW, KB, woff, cq, BS: gl.constexpr,
+def _load_w(w_ptr, absmax_ptr, nested_ptr, rows, rmask, k0, K, KW, KB, woff, cq, BS: gl.constexpr,
             NESTED: gl.constexpr, NESTED_BS: gl.constexpr):  # fmt: skip
-    """Packed words [R, CH, 4] and chunk scales [R, CH] of columns k0 .. k0 + 32 CH."""
+    """Packed words [R, CH, 4] and the raw scales [R, CH] of columns k0 .. k0 + 32 CH: under double quantization
+    the 8-bit code and the nested scale (decoded by :func:`_scales` a step later, so that no load here waits on
+    another)."""
     kw0 = k0 // 8
     m2 = gl.expand_dims(rmask, 1) & gl.expand_dims((k0 + cq * 32) < K, 0)
     q = gl.load(w_ptr + gl.expand_dims(gl.expand_dims(rows.to(gl.int64) * KW + kw0, 1), 2) + woff,
                 mask=gl.expand_dims(m2, 2), other=0)  # fmt: skip
     ab = gl.expand_dims(rows * KB, 1) + gl.expand_dims((k0 + cq * 32) // BS, 0)
     if NESTED:
-        q8 = gl.load(absmax_ptr + ab, mask=m2, other=0).to(gl.int32)
-        am = _add_rn(_mul_rn(gl.load(code8_ptr + q8), gl.load(nested_ptr + ab // NESTED_BS, mask=m2, other=0.0)),
-                     offset)  # fmt: skip
+        q8 = gl.load(absmax_ptr + ab, mask=m2, other=0)
+        nested = gl.load(nested_ptr + ab // NESTED_BS, mask=m2, other=0.0)
     else:
-        am = gl.load(absmax_ptr + ab, mask=m2, other=0.0)
-    return q, am
+        q8 = gl.load(absmax_ptr + ab, mask=m2, other=0.0)
+        nested = q8
+    return q, q8, nested
+
+
+@gluon.jit
+def _scales(q8, nested, code8_ptr, offset, NESTED: gl.constexpr):
+    """Float32 chunk scales [R, CH], rebuilt from double quantization as the dequantizer rounds them."""
+    if NESTED:
+        am = _add_rn(_mul_rn(gl.load(code8_ptr + q8.to(gl.int32)), nested), offset)
+    else:
+        am = q8
+    return am
+
+
+@gluon.jit
+def _load_step_w(w_ptr, absmax_ptr, nested_ptr, t, total, pid, nprog, KSTEPS, R: gl.constexpr, rows0, N, K, KW, KB,
+                 woff, cq, CH: gl.constexpr, BS: gl.constexpr, NESTED: gl.constexpr,
+                 NESTED_BS: gl.constexpr):  # fmt: skip
+    """:func:`_load_w` for this program's step t (group pid + (t // KSTEPS) * nprog, K step t % KSTEPS); nothing
+    past its last step."""
+    rows = (pid + (t // KSTEPS) * nprog) * R + rows0
+    return _load_w(w_ptr, absmax_ptr, nested_ptr, rows, (rows < N) & (t < total), (t % KSTEPS) * (CH * 32), K, KW, KB,
+                   woff, cq, BS, NESTED, NESTED_BS)  # fmt: skip
 
 
 @gluon.jit
@@ -99,6 +140,7 @@ def _gemv4_smem_kernel(
     x_ptr, w_ptr, absmax_ptr, table_ptr, nested_ptr, code8_ptr, offset_ptr, bias_ptr, xa_ptr, lb_ptr, res_ptr, out_ptr,
     N, K, KW, KB, NGROUPS, R_LORA, XS, XA_STRIDE, lora_scale, BS: gl.constexpr, NESTED: gl.constexpr,
     NESTED_BS: gl.constexpr, RT: gl.constexpr, REP: gl.constexpr, NUM_WARPS: gl.constexpr, PDL: gl.constexpr,
+    BF16: gl.constexpr,
     RP: gl.constexpr, XSP: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LORA: gl.constexpr, HAS_RES: gl.constexpr,
 ):  # fmt: skip
     # [rows, 32-code chunks, words of a chunk, bytes of a word]: a thread holds RT rows x REP chunks of 16 bytes;
@@ -129,72 +171,84 @@ def _gemv4_smem_kernel(
     if PDL:  # the next kernel may start its own prologue as soon as SMs free up
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
                                   pack=1)  # fmt: skip
-    # The first step's weight loads go out before the table is written: they overlap its copy and the barrier.
-    rows = pid * R + rows0
-    rmask = rows < N
-    q, am = _load_w(w_ptr, absmax_ptr, nested_ptr, code8_ptr, offset, rows, rmask, 0, K, KW, KB, woff, cq, BS, NESTED,
-                    NESTED_BS)  # fmt: skip
+    # The first steps' weight loads go out before the table is written and before waiting for the previous kernel:
+    # they overlap its copy, the barrier and the previous kernel's tail.
+    q, q8, nested = _load_step_w(w_ptr, absmax_ptr, nested_ptr, 0, total, pid, nprog, KSTEPS, R, rows0, N, K, KW, KB,
+                                 woff, cq, CH, BS, NESTED, NESTED_BS)  # fmt: skip
 
-    # The table: entry e (a byte: codes e >> 4 and e & 15) as two float32, TABLE_COPIES copies side by side.
-    tbl = gl.allocate_shared_memory(gl.float32, [TABLE_WORDS], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    tbl.store(gl.load(table_ptr + gl.arange(0, TABLE_WORDS, layout=TL)))
+    # The table (smem_table): 256 entries of 128 bytes, a copy per lane of a half warp (float32 pairs) or of a warp
+    # (bfloat16 pairs), so that no two lanes of one shared load hit a bank at different addresses.
+    tbl = gl.allocate_shared_memory(gl.int32, [8192], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    tbl.store(gl.load(table_ptr + gl.arange(0, 8192, layout=TL)))
     gl.thread_barrier()
     if PDL:  # x (and the output) belong to the previous kernel until it has finished
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
     xw = _load_x(x_ptr, 0, K, xoff, cx)
     base = gl.inline_asm_elementwise("mov.u32 $0, global_smem;", "=r,r", [cq], dtype=gl.int32, is_pure=True,
                                      pack=1)  # fmt: skip
-    base3 = gl.expand_dims(gl.expand_dims(base + (cq % TABLE_COPIES) * 8, 0), 2)  # [1, CH, 1]: this lane's copy
+    if BF16:
+        base2 = gl.expand_dims(base + (cq % 32) * 4, 0)  # [1, CH]: this lane's copy
+    else:
+        base2 = gl.expand_dims(base + (cq % 16) * 8, 0)
 
     acc = gl.zeros([R, CH], gl.float32, LS)
     for t in range(total):
-        # Issue the next step's loads (the next group's first after a group's last) before this one is summed.
-        t1 = t + 1
-        g1 = pid + (t1 // KSTEPS) * nprog
-        rows1 = g1 * R + rows0
-        rmask1 = (rows1 < N) & (t1 < total)
-        k1 = (t1 % KSTEPS) * (CH * 32)
-        nq, nam = _load_w(w_ptr, absmax_ptr, nested_ptr, code8_ptr, offset, rows1, rmask1, k1, K, KW, KB, woff, cq,
-                          BS, NESTED, NESTED_BS)  # fmt: skip
-        nxw = _load_x(x_ptr, k1, K, xoff, cx)
-        # x words per byte of a packed word (j = 0..3), split in registers, as [1, CH, 4] tiles beside q
-        x02, x13 = gl.split(gl.reshape(xw, [CH, 4, 2, 2]))
-        x0, x2 = gl.split(x02)
-        x1, x3 = gl.split(x13)
-        part = gl.zeros([R, CH, 4], gl.float32, LQ)
-        for j in gl.static_range(4):
-            xj = x0 if j == 0 else (x1 if j == 1 else (x2 if j == 2 else x3))
-            xj = gl.expand_dims(gl.convert_layout(xj, gl.SliceLayout(0, LQ)), 0)
-            ve, vo = gl.inline_asm_elementwise(_LOOKUP, "=f,=f,r,r,r", [q, 0x4440 + j, base3],
-                                               dtype=(gl.float32, gl.float32), is_pure=True, pack=1)  # fmt: skip
-            part = ve * (xj << 16).to(gl.float32, bitcast=True) + part  # one FMA chain per word
-            part = vo * (xj & -65536).to(gl.float32, bitcast=True) + part
-        acc += am * gl.sum(part, axis=2)
+        # Issue the loads of step t + 1 (the next group's first after a group's last) before this one is summed (two
+        # steps ahead measured slower: the loop is bound by issuing instructions, not by bytes in flight).
+        nq, nq8, nnested = _load_step_w(w_ptr, absmax_ptr, nested_ptr, t + 1, total, pid, nprog, KSTEPS, R, rows0,
+                                        N, K, KW, KB, woff, cq, CH, BS, NESTED, NESTED_BS)  # fmt: skip
+        nxw = _load_x(x_ptr, ((t + 1) % KSTEPS) * (CH * 32), K, xoff, cx)
+        # The four words of each chunk and the four x words of each of their bytes, split in registers (free), so
+        # that a (row, chunk) sums its 32 products in one FMA chain and one multiply by its scale.
+        q0, q1, q2, q3 = _quarters(q, LS)
+        xb0, xb1, xb2, xb3 = _quarters(xw, gl.SliceLayout(2, LX))  # byte j: x words [CH, 4 words]
+        part = gl.zeros([R, CH], gl.float32, LS)
+        for w in gl.static_range(4):
+            qw = q0 if w == 0 else (q1 if w == 1 else (q2 if w == 2 else q3))
+            for j in gl.static_range(4):
+                xj = xb0 if j == 0 else (xb1 if j == 1 else (xb2 if j == 2 else xb3))
+                xs = _quarters(xj, gl.SliceLayout(0, LS))
+                xwj = gl.expand_dims(xs[0] if w == 0 else (xs[1] if w == 1 else (xs[2] if w == 2 else xs[3])), 0)
+                ve, vo = gl.inline_asm_elementwise(_LOOKUP_BF16 if BF16 else _LOOKUP, "=r,=r,r,r,r",
+                                                   [qw, 0x4440 + j, base2], dtype=(gl.int32, gl.int32), is_pure=True,
+                                                   pack=1)  # fmt: skip
+                part = ve.to(gl.float32, bitcast=True) * (xwj << 16).to(gl.float32, bitcast=True) + part
+                part = vo.to(gl.float32, bitcast=True) * (xwj & -65536).to(gl.float32, bitcast=True) + part
+        acc += _scales(q8, nested, code8_ptr, offset, NESTED) * part
         if t % KSTEPS == KSTEPS - 1:
             orow = (pid + (t // KSTEPS) * nprog) * R + rows0
             _epilogue(gl.sum(acc, axis=1), orow, orow < N, bias_ptr, xa_ptr, lb_ptr, res_ptr, out_ptr, R_LORA, XS,
                       XA_STRIDE, lora_scale, LS, RP, XSP, HAS_BIAS, HAS_LORA, HAS_RES)  # fmt: skip
             acc = gl.zeros([R, CH], gl.float32, LS)
-        q, xw, am = nq, nxw, nam
+        q, xw, q8, nested = nq, nxw, nq8, nnested
 
 
-def smem_table(code: torch.Tensor, build: bool = True) -> torch.Tensor | None:
+def smem_table(code: torch.Tensor, build: bool = True, bf16: bool = False) -> torch.Tensor | None:
     """The kernel's shared-memory table for a 16-entry code table, built on its device and cached (a CUDA graph
-    capture must not build it): [256 bytes,
-    TABLE_COPIES, 2] float32, entry (b, c) = (code[b >> 4], code[b & 15])."""
-    table = getattr(code, "_kbit_smem_table", None)
+    capture must not build it): 8192 int32 words, entry (byte b, copy c) at b * 32 + ... holding (code[b >> 4],
+    code[b & 15]): as two float32 [256, 16 copies, 2], or ``bf16`` as one word of two bfloat16 [256, 32 copies]."""
+    tables = getattr(code, "_kbit_smem_tables", None)  # kept on the code tensor: lives and dies with the quant state
+    if tables is None:
+        tables = code._kbit_smem_tables = {}
+    table = tables.get(bf16)
     if table is None and build:
         c = code.to(torch.float32)
         b = torch.arange(256, device=code.device)
-        pair = torch.stack([c[b >> 4], c[b & 15]], dim=1)  # [256, 2]
-        table = code._kbit_smem_table = pair[:, None, :].expand(256, TABLE_COPIES, 2).contiguous().reshape(-1)
+        if bf16:
+            bits = c.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+            word = bits[b >> 4] | (bits[b & 15] << 16)  # element 2i (high nibble) in the low half
+            table = word[:, None].expand(256, 32).contiguous().reshape(-1)
+        else:
+            pair = torch.stack([c[b >> 4], c[b & 15]], dim=1)  # [256, 2]
+            table = pair[:, None, :].expand(256, 16, 2).contiguous().reshape(-1).view(torch.int32)
+        tables[bf16] = table
     return table
 
 
 def config_for(n: int, k: int) -> tuple[int, int, int, int]:
     """(rows per thread, 32-code chunks per lane, warps, programs per SM) for an [n, k] weight: the H100 sweep's
     best (bench/gemv_smem_sweep.py): tall weights take more rows per thread, wide or square ones more chunks."""
-    return (8, 1, 8, 1) if n >= 2 * k else (4, 2, 8, 2)
+    return (8, 1, 8, 1) if n >= 2 * k else (4, 2, 8, 1)
 
 
 def gemv_4bit(
@@ -211,10 +265,12 @@ def gemv_4bit(
 ) -> torch.Tensor:
     """``x [1, K] @ dequant(W)^T + bias + lora_scale * xa @ lora_b^T`` then ``+ residual``: the arguments and
     rounding of :func:`kbit.kernels.triton.gemv4.gemv_4bit`, for a word-aligned packed weight whose table is built
-    (:func:`smem_table`). ``pdl``: launched as a programmatic dependent of the previous kernel (Hopper)."""
+    (:func:`smem_table`). ``config``: (rows per thread, chunks per lane, warps, programs per SM[, bfloat16 table]),
+    by default :func:`config_for`'s. ``pdl``: launched as a programmatic dependent of the previous kernel (Hopper)."""
     k = x.shape[1]
     n = state.shape[0]
-    rt, rep, warps, per_sm = config or config_for(n, k)
+    rt, rep, warps, per_sm, *more = config or config_for(n, k)
+    bf16 = bool(more[0]) if more else False
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     if state.nested:
         extra = (state.nested_absmax, state.nested_code, state.offset)
@@ -230,13 +286,14 @@ def gemv_4bit(
     groups = triton.cdiv(n, rt * warps)
     grid = (min(groups, _sm_count(x.device) * per_sm),)
     _gemv4_smem_kernel[grid](
-        x.view(torch.int32), raw.reshape(-1).view(torch.int32), state.absmax, smem_table(state.code), *extra,
+        x.view(torch.int32), raw.reshape(-1).view(torch.int32), state.absmax, smem_table(state.code, True, bf16),
+        *extra,
         bias if bias is not None else out, xa if has_lora else out, lora_b.contiguous() if has_lora else out,
         residual.contiguous() if residual is not None else out, out, n, k, k // 8, k // state.blocksize, groups, rank,
         parts, xa.stride(0) if has_lora else 0, float(lora_scale), BS=state.blocksize, NESTED=state.nested,
-        NESTED_BS=nested_bs, RT=rt, REP=rep, NUM_WARPS=warps, PDL=pdl, RP=triton.next_power_of_2(rank),
-        XSP=triton.next_power_of_2(parts), HAS_BIAS=bias is not None, HAS_LORA=has_lora,
-        HAS_RES=residual is not None, num_warps=warps, launch_pdl=pdl,
+        NESTED_BS=nested_bs, RT=rt, REP=rep, NUM_WARPS=warps, PDL=pdl, BF16=bf16,
+        RP=triton.next_power_of_2(rank), XSP=triton.next_power_of_2(parts), HAS_BIAS=bias is not None,
+        HAS_LORA=has_lora, HAS_RES=residual is not None, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
     return out
 
