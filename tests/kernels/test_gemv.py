@@ -226,6 +226,35 @@ def test_smem_path_equals_factored_with_every_epilogue_term():
 
 
 @pytest.mark.skipif(INTERPRET, reason="Gluon kernels run on a GPU only")
+@pytest.mark.parametrize("rows", [2, 3, 4])
+def test_smem_path_takes_up_to_four_rows_in_one_pass(rows):
+    """Two to four rows of x (a decode batch) in one pass over the weight: each row as FACTORED gives it alone, with
+    bias, LoRA (x A^T per row) and a residual per row; the dispatcher takes it too."""
+    _gluon()
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the shared-memory-table kernel is for Hopper and newer")
+    from kbit.kernels import dispatch
+
+    g = torch.Generator().manual_seed(rows)
+    n, k = 4096, 4096
+    w = (torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16).to(DEV)
+    packed, state = quantize_4bit(w, "nf4", 64, True)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16).to(DEV)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16).to(DEV)
+    a = (torch.randn(16, k, generator=g) * 0.05).to(torch.bfloat16).to(DEV)
+    b = (torch.randn(n, 16, generator=g) * 0.05).to(torch.bfloat16).to(DEV)
+    res = torch.randn(rows, n, generator=g).to(torch.bfloat16).to(DEV)
+    xa = torch.nn.functional.linear(x, a)
+    y = gemv4.gemv_4bit(x, packed, state, bias, xa, b, 2.0, res)
+    assert y.shape == (rows, n)
+    for i in range(rows):
+        one = gemv4.gemv_4bit(x[i : i + 1], packed, state, bias, xa[i : i + 1], b, 2.0, res[i : i + 1],
+                              config=CONFIGS["factored"])  # fmt: skip
+        torch.testing.assert_close(y[i : i + 1].float(), one.float(), rtol=2**-7, atol=2**-6)
+    assert torch.equal(dispatch.gemv_4bit(x, packed, state, bias, xa, b, 2.0, res), y)
+
+
+@pytest.mark.skipif(INTERPRET, reason="Gluon kernels run on a GPU only")
 def test_smem_path_chained_in_a_cuda_graph_waits_for_its_input():
     """Launched as programmatic dependents in one CUDA graph, each GEMV reads x only after the kernel writing it has
     finished: a chain of four GEMVs (each one's output the next one's input) replays to the eager results."""

@@ -102,21 +102,31 @@ def gemv_4bit(
     """``x [M, K] @ dequant(W)^T + bias + lora_scale * xa @ lora_b^T`` in ``x.dtype`` (decode-sized inputs), then
     ``+ residual`` [M, N] rounded as a separate addition. ``xa`` is ``x A^T`` or :func:`lora_down`'s form of it.
 
-    The reference dequantizes W to ``x.dtype`` and multiplies; for one row on CUDA the Triton kernel reads the packed
-    weight once and folds the LoRA branch and the residual into its epilogue (fp32 sums, one rounding).
+    The reference dequantizes W to ``x.dtype`` and multiplies; for one row on CUDA (up to four on Hopper, bfloat16)
+    the Triton/Gluon kernel reads the packed weight once and folds the LoRA branch and the residual into its epilogue
+    (fp32 sums, one rounding).
     """
     raw = raw.reshape(-1)
-    if use_triton(x) and x.shape[0] == 1:
+    if gemv_fuses(x, raw, state):
         from .triton import gemv4
 
-        if gemv4.supports(state, x.shape[1], x.dtype):
-            return gemv4.gemv_4bit(x, raw, state, bias, xa, lora_b, lora_scale, residual)
+        return gemv4.gemv_4bit(x, raw, state, bias, xa, lora_b, lora_scale, residual)
     y = torch.nn.functional.linear(x, dequantize_4bit(raw, state, x.dtype), bias)
     if xa is not None:
         if x.shape[0] == 1 and xa.shape[0] > 1:  # partial sums from lora_down
             xa = xa.float().sum(0, keepdim=True).to(x.dtype)
         y = (y.float() + lora_scale * (xa.float() @ lora_b.float().t())).to(x.dtype)
     return y if residual is None else y + residual
+
+
+def gemv_fuses(x: torch.Tensor, raw: torch.Tensor, state: QuantState) -> bool:
+    """True when :func:`gemv_4bit` runs the fused kernel for these rows of x: one row on CUDA, up to four on Hopper
+    with bfloat16 (a decode batch), a weight with whole blocks per row."""
+    if not use_triton(x) or x.shape[0] > 4:
+        return False
+    from .triton import gemv4
+
+    return gemv4.supports(state, x.shape[1], x.dtype) and gemv4.rows_supported(x, raw.reshape(-1), state)
 
 
 def lora_down(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

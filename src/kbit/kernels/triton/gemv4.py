@@ -365,6 +365,18 @@ def lut_table(code: torch.Tensor, build: bool = True) -> torch.Tensor | None:
     return lut
 
 
+def rows_supported(x: torch.Tensor, raw: torch.Tensor, state: QuantState) -> bool:
+    """True when :func:`gemv_4bit` takes this many rows of x in one pass over the weight (the shared-memory-table
+    kernel, up to its MAX_ROWS); one row always."""
+    if x.shape[0] == 1:
+        return True
+    if not _smem_path(x, raw.reshape(-1), state):
+        return False
+    from . import gemv4_smem
+
+    return x.shape[0] <= gemv4_smem.MAX_ROWS
+
+
 def _smem_path(x: torch.Tensor, raw: torch.Tensor, state: QuantState) -> bool:
     """True when the shared-memory-table kernel (gemv4_smem, Gluon) takes this call: a Hopper or newer GPU, a
     bfloat16 row, word-aligned codes, blocks of a multiple of 32, a Triton with Gluon, and (while a CUDA graph is
@@ -401,8 +413,8 @@ def gemv_4bit(
     """``x [1, K] @ dequant(W)^T + bias + lora_scale * xa @ lora_b^T`` on CUDA, in ``x.dtype``, then
     ``+ residual`` [1, N] as a separate addition would round it. ``xa`` is ``x A^T`` [1, r], or its float32 partial
     sums [S, r] from :func:`lora_down` (summed and rounded here)."""
-    if x.shape[0] != 1:
-        raise ValueError(f"gemv_4bit takes one row, got {x.shape[0]}")
+    if x.shape[0] != 1 and not (config is None and rows_supported(x, raw, state)):
+        raise ValueError(f"gemv_4bit takes one row (up to 4 on Hopper with bfloat16), got {x.shape[0]}")
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"gemv_4bit takes a bfloat16 or float16 row, got {x.dtype}")
     k = x.shape[1]
