@@ -40,12 +40,27 @@ def _reference(model, ids: torch.Tensor, n: int) -> list[int]:
     return out[0, ids.numel() :].tolist()
 
 
+def _assert_greedy(model, ids: torch.Tensor, ours: list[int]) -> None:
+    """``ours`` equals transformers' ``generate``, or where generate's cached steps part from the model's own forward
+    (transformers 5.17 with torch 2.11 picks a token at step 46 here that its full forward ranks second by 1.3e-3),
+    every token is the argmax of transformers' full forward over the prefix (float32 noise aside)."""
+    if ours == _reference(model, ids, len(ours)):
+        return
+    with torch.no_grad():
+        seq = torch.cat([ids, torch.tensor(ours)])
+        logits = model(seq.view(1, -1)).logits[0, ids.numel() - 1 : -1].float()
+    best = logits.max(-1).values
+    picked = logits.gather(-1, torch.tensor(ours).view(-1, 1))[:, 0]
+    assert (picked >= best - 1e-5 * (1 + best.abs())).all(), (picked - best).min().item()
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_greedy_tokens_equal_transformers(family):
     model = _model(family)
     ids = torch.randint(0, 256, (11,), generator=torch.Generator().manual_seed(1))
     (ours,) = decode(model, [ids], 64, end_ids=[])
-    assert ours == _reference(model, ids, 64)
+    assert len(ours) == 64
+    _assert_greedy(model, ids, ours)
     assert len(set(ours)) > 4  # a real continuation, not one repeated token
 
 
