@@ -20,8 +20,10 @@ by every program) and each program adds ``s * xa B[n]^T`` for its features befor
 one extra launch instead of three and no extra pass over the output. A residual, when given, is added after that
 rounding, as a separate addition would add it, which saves the decoder one launch per projection.
 
-One row only: a tensor-core variant for 2-16 rows was several times slower than dequantize-then-matmul on the H100
-(bench/RESULTS.md), so :func:`kbit.kernels.dispatch.gemv_4bit` takes that path for more rows.
+One row only here: a tensor-core variant for 2-16 rows was several times slower than dequantize-then-matmul on the
+H100 (bench/RESULTS.md). On Hopper and newer, :func:`gemv_4bit` hands bfloat16 rows (one to four) to
+:mod:`.gemv4_smem` (Gluon: the codes looked up in a shared-memory table, 1.5x this kernel at one row); these kernels
+stay the path elsewhere and the reference for its tests.
 """
 
 from __future__ import annotations
