@@ -14,10 +14,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dequant import time_graph  # noqa: E402
-from generate import copy_bandwidth  # noqa: E402
+from generate import copy_bandwidth, gemv_rotation  # noqa: E402
 
 from kbit.kernels.triton import gemv4, gemv4_smem  # noqa: E402
-from kbit.quant import quantize_4bit  # noqa: E402
 
 
 def main() -> None:
@@ -27,14 +26,9 @@ def main() -> None:
     print(json.dumps(dict(empty_us=round(time_graph(lambda t: t.add_(1), one), 2))), flush=True)
     configs = [tuple(int(v) for v in a.split(",")) for a in sys.argv[1:]] or [None]
     for n, k in ((4096, 4096), (14336, 4096), (57344, 4096), (4096, 14336)):
-        copies = max(2, -(-200 * 2**20 // (n * k // 2)))
-        qs = [quantize_4bit(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, "nf4", 64, True)
-              for _ in range(copies)]  # fmt: skip
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        packed, state = qs[0]
-        nbytes = packed.numel() + state.absmax.numel() + 4 * state.nested_absmax.numel() + 2 * (n + k)
+        qs, x, nbytes = gemv_rotation(n, k)
         srcs = [(torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda"),
-                 torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")) for _ in range(copies)]  # fmt: skip
+                 torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")) for _ in qs]  # fmt: skip
         row = dict(shape=f"{n}x{k}", mb=round(nbytes / 1e6, 2))
         cus = time_graph(lambda p: p[1].copy_(p[0]), srcs)
         row["copy_same_bytes_us"] = round(cus, 2)

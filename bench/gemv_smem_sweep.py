@@ -14,10 +14,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dequant import time_graph  # noqa: E402
-from generate import copy_bandwidth  # noqa: E402
+from generate import copy_bandwidth, gemv_rotation  # noqa: E402
 
 from kbit.kernels.triton import gemv4, gemv4_smem  # noqa: E402
-from kbit.quant import dequantize_4bit, quantize_4bit  # noqa: E402
+from kbit.quant import dequantize_4bit  # noqa: E402
 
 
 def main() -> None:
@@ -28,12 +28,8 @@ def main() -> None:
     per_shape = {}
     lut_total = 0.0
     for n, k in ((14336, 4096), (4096, 4096), (4096, 14336)):
-        copies = max(2, -(-200 * 2**20 // (n * k // 2)))
-        qs = [quantize_4bit(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, "nf4", 64, True)
-              for _ in range(copies)]  # fmt: skip
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        qs, x, nbytes = gemv_rotation(n, k)
         packed, state = qs[0]
-        nbytes = packed.numel() + state.absmax.numel() + 4 * state.nested_absmax.numel() + 2 * (n + k)
         ref = x.float() @ dequantize_4bit(packed, state).float().t()
         lut = gemv4.gemv_4bit(x, packed, state, config=gemv4.CONFIG).float()
         err = lambda y, ref=ref: ((y.float() - ref).abs().max() / ref.abs().max()).item()  # noqa: E731
@@ -63,12 +59,7 @@ def main() -> None:
     # per-shape numbers of the best config
     cfg = ranked[0][1]
     for n, k in ((14336, 4096), (4096, 4096), (4096, 14336)):
-        copies = max(2, -(-200 * 2**20 // (n * k // 2)))
-        qs = [quantize_4bit(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, "nf4", 64, True)
-              for _ in range(copies)]  # fmt: skip
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        packed, state = qs[0]
-        nbytes = packed.numel() + state.absmax.numel() + 4 * state.nested_absmax.numel() + 2 * (n + k)
+        qs, x, nbytes = gemv_rotation(n, k)
         us = time_graph(lambda item, x=x: gemv4_smem.gemv_4bit(x, *item, config=cfg), qs)
         print(json.dumps(dict(shape=f"{n}x{k}", kernel="smem", config=cfg, us=round(us, 2),
                               bw_frac=round(nbytes / us / 1e-6 / bw, 3))), flush=True)  # fmt: skip

@@ -59,6 +59,20 @@ def rotating_us(fn, items: list) -> float:
     return time_graph(lambda item: fn(*item), items)
 
 
+def gemv_rotation(n: int, k: int, rows: int = 1) -> tuple[list, torch.Tensor, int]:
+    """NF4 + DQ copies of a random [n, k] weight (> 200 MB in all, so every call reads HBM), an x [rows, k] and the
+    bytes one GEMV moves (packed weight + 8-bit scales + nested scales + x + y): what the GEMV timers rotate over."""
+    from kbit.quant import quantize_4bit
+
+    copies = max(2, -(-200 * 2**20 // (n * k // 2)))
+    qs = [quantize_4bit(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, "nf4", 64, True)
+          for _ in range(copies)]  # fmt: skip
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    packed, state = qs[0]
+    nbytes = packed.numel() + state.absmax.numel() + 4 * state.nested_absmax.numel() + 2 * rows * (n + k)
+    return qs, x, nbytes
+
+
 def gemv_rows(copy_bw: float, label: str = "kbit", row_counts: tuple[int, ...] = (1, 4, 16)) -> None:
     from functools import partial
 

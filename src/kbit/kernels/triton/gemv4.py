@@ -367,6 +367,14 @@ def lut_table(code: torch.Tensor, build: bool = True) -> torch.Tensor | None:
     return lut
 
 
+def nested_args(state: QuantState) -> tuple[tuple[torch.Tensor, ...], int]:
+    """The GEMV kernels' double-quantization arguments: (nested scales, nested code, offset) and the nested block
+    size, or unused pointers and 1 when the scales are plain float32."""
+    if state.nested:
+        return (state.nested_absmax, state.nested_code, state.offset), state.nested_blocksize
+    return (state.absmax, state.absmax, state.absmax), 1
+
+
 def rows_supported(x: torch.Tensor, raw: torch.Tensor, state: QuantState) -> bool:
     """True when :func:`gemv_4bit` takes this many rows of x in one pass over the weight (the shared-memory-table
     kernel, up to its MAX_ROWS); one row always."""
@@ -429,12 +437,7 @@ def gemv_4bit(
         return gemv4_smem.gemv_4bit(x, raw, state, bias, xa, lora_b, lora_scale, residual)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     code = state.code if state.code.dtype == torch.float32 else state.code.float()
-    if state.nested:
-        extra = (state.nested_absmax, state.nested_code, state.offset)
-        nested_bs = state.nested_blocksize
-    else:
-        extra = (state.absmax, state.absmax, state.absmax)  # unused pointers
-        nested_bs = 1
+    extra, nested_bs = nested_args(state)
     bn, nb, warps, stages, mode = config or CONFIG
     rows_mode = mode == ROWS
     if rows_mode:  # (RT, ITERS): rows per group, groups per program

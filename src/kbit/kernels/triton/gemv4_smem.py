@@ -308,12 +308,9 @@ def gemv_4bit(
     rt, rep, warps, per_sm, *more = config or config_for(n, k, m)
     bf16 = bool(more[0]) if more else False
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if state.nested:
-        extra = (state.nested_absmax, state.nested_code, state.offset)
-        nested_bs = state.nested_blocksize
-    else:
-        extra = (state.absmax, state.absmax, state.absmax)  # unused pointers
-        nested_bs = 1
+    from .gemv4 import nested_args  # gemv4 imports this module lazily: no cycle at import time
+
+    extra, nested_bs = nested_args(state)
     has_lora = xa is not None
     rank = lora_b.shape[1] if has_lora else 1
     if has_lora and xa.stride(1) != 1:
