@@ -255,6 +255,31 @@ def test_smem_path_takes_up_to_four_rows_in_one_pass(rows):
 
 
 @pytest.mark.skipif(INTERPRET, reason="Gluon kernels run on a GPU only")
+def test_a_gluon_kernel_that_does_not_compile_falls_back_once(monkeypatch, caplog):
+    """Another Triton's Gluon API: the first call that fails to compile logs one warning and the Triton kernel (one
+    row) or dequantize-then-matmul (more rows) answers, then and after."""
+    smem = _gluon()
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the shared-memory-table kernel is for Hopper and newer")
+
+    def broken(*args, **kwargs):
+        raise TypeError("an API this Triton does not have")
+
+    monkeypatch.setattr(smem, "gemv_4bit", broken)
+    monkeypatch.setitem(gemv4._SMEM_STATE, "ok", None)
+    g = torch.Generator().manual_seed(13)
+    w = (torch.randn(512, 1024, generator=g) * 0.02).to(torch.bfloat16).to(DEV)
+    packed, state = quantize_4bit(w, "nf4", 64, True)
+    x = torch.randn(3, 1024, generator=g).to(torch.bfloat16).to(DEV)
+    with caplog.at_level("WARNING", logger="kbit"):
+        y = gemv4.gemv_4bit(x, packed, state)
+    assert "does not compile" in caplog.text and gemv4._SMEM_STATE["ok"] is False
+    assert torch.equal(y, torch.nn.functional.linear(x, dequantize_4bit(packed, state, out_dtype=torch.bfloat16)))
+    one = gemv4.gemv_4bit(x[:1], packed, state)
+    assert torch.equal(one, gemv4.gemv_4bit(x[:1], packed, state, config=gemv4.CONFIG))
+
+
+@pytest.mark.skipif(INTERPRET, reason="Gluon kernels run on a GPU only")
 def test_smem_path_chained_in_a_cuda_graph_waits_for_its_input():
     """Launched as programmatic dependents in one CUDA graph, each GEMV reads x only after the kernel writing it has
     finished: a chain of four GEMVs (each one's output the next one's input) replays to the eager results."""

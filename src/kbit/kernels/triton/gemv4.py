@@ -28,6 +28,7 @@ stay the path elsewhere and the reference for its tests.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -37,6 +38,10 @@ import triton.language as tl
 from ...quant.state import QuantState
 from .rounding import add_rn, mul_rn, round_to
 
+log = logging.getLogger("kbit")
+# The Gluon kernel's state: None until its first call compiles and runs, then True; False once it failed to compile
+# (another Triton's Gluon API): this kernel takes over for good, said once in the log.
+_SMEM_STATE: dict[str, bool | None] = {"ok": None}
 EXACT, FACTORED, PROBE, LUT = 0, 1, 2, 3  # arithmetic modes (module docstring)
 ROWS = 4  # LUT's arithmetic, tiled by whole rows with x loaded once per program: config (RT, ITERS, warps, 1, ROWS)
 # Triton's interpreter (CPU tests) runs no PTX: LUT mode then gathers the same values from a float32 table.
@@ -393,6 +398,8 @@ def _smem_path(x: torch.Tensor, raw: torch.Tensor, state: QuantState) -> bool:
     being captured) a table already built. ``KBIT_GEMV_SMEM=0`` turns it off."""
     if os.environ.get("KBIT_GEMV_SMEM", "1") == "0" or _INTERPRETED or not x.is_cuda or x.dtype != torch.bfloat16:
         return False
+    if _SMEM_STATE["ok"] is False:
+        return False
     if raw.data_ptr() % 4 or state.blocksize % 32 or torch.cuda.get_device_capability(x.device) < (9, 0):
         return False
     try:
@@ -434,7 +441,20 @@ def gemv_4bit(
     if config is None and _smem_path(x, raw, state):
         from . import gemv4_smem
 
-        return gemv4_smem.gemv_4bit(x, raw, state, bias, xa, lora_b, lora_scale, residual)
+        if _SMEM_STATE["ok"]:
+            return gemv4_smem.gemv_4bit(x, raw, state, bias, xa, lora_b, lora_scale, residual)
+        try:  # the first call compiles the Gluon kernel
+            y = gemv4_smem.gemv_4bit(x, raw, state, bias, xa, lora_b, lora_scale, residual)
+            _SMEM_STATE["ok"] = True
+            return y
+        except Exception as e:  # noqa: BLE001 - any compile failure of an experimental dialect: fall back, once
+            _SMEM_STATE["ok"] = False
+            log.warning("kbit: the Gluon GEMV does not compile with Triton %s (%s); using the Triton GEMV",
+                        triton.__version__, type(e).__name__)  # fmt: skip
+            if x.shape[0] != 1:  # more rows: dequantize and multiply, as the dispatcher now will
+                from .. import dispatch
+
+                return dispatch.gemv_4bit(x, raw, state, bias, xa, lora_b, lora_scale, residual)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     code = state.code if state.code.dtype == torch.float32 else state.code.float()
     extra, nested_bs = nested_args(state)
