@@ -20,6 +20,9 @@ from triton.experimental.gluon import language as gl
 
 from ...quant.state import QuantState
 
+# A CTA-wide barrier: ``thread_barrier`` in Triton 3.6's Gluon, ``barrier`` in later ones.
+_cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
 # Byte j of a word of codes to its table entry's address (PRMT moves the byte to the bottom, zeroing the rest; the
 # multiply-add runs on the FMA pipe), then both float32 codes in one 8-byte shared load.
 _LOOKUP = gl.constexpr("""{
@@ -205,7 +208,7 @@ def _gemv4_smem_kernel(
     # (bfloat16 pairs), so that no two lanes of one shared load hit a bank at different addresses.
     tbl = gl.allocate_shared_memory(gl.int32, [8192], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     tbl.store(gl.load(table_ptr + gl.arange(0, 8192, layout=TL)))
-    gl.thread_barrier()
+    _cta_barrier()
     if PDL:  # x (and the output) belong to the previous kernel until it has finished
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
     xw = _load_x(x_ptr, 0, K, xoff, xmask, cx4)
