@@ -17,18 +17,17 @@ def _gluon():
 
 
 def test_smem_table_holds_both_codes_of_every_byte_in_every_copy():
-    """The shared-memory tables: entry (byte b, copy c) = (code[b >> 4], code[b & 15]), as float32 pairs in 16
-    copies or as a word of two bfloat16 (element 2i's in the low half) in 32 copies."""
+    """The shared-memory table: entry (byte b, copy c) = (code[b >> 4], code[b & 15]) as float32, in 16 copies."""
     smem = _gluon()
     code = torch.linspace(-1, 1, 16) ** 3
     b = torch.arange(256)
     t = smem.smem_table(code).view(torch.float32).reshape(256, 16, 2)
     for c in (0, 7, 15):
         assert torch.equal(t[:, c, 0], code[b >> 4]) and torch.equal(t[:, c, 1], code[b & 15])
-    w = smem.smem_table(code, bf16=True).reshape(256, 32)
-    bf = code.to(torch.bfloat16).float()
-    for c in (0, 31):
-        lo = (w[:, c] << 16).view(torch.float32)
-        hi = (w[:, c] & -65536).view(torch.float32)
-        assert torch.equal(lo, bf[b >> 4]) and torch.equal(hi, bf[b & 15])
     assert smem.smem_table(code) is smem.smem_table(code)  # cached on the code tensor
+
+
+def test_the_dispatcher_and_the_kernel_agree_on_the_row_limit():
+    from kbit.kernels import dispatch
+
+    assert dispatch.GEMV_MAX_ROWS == _gluon().MAX_ROWS

@@ -84,7 +84,7 @@ def project(
     """
     if isinstance(module, LoRALinear) and not module.enabled:
         module = module.base_layer  # adapters switched off ("base"): the base layer alone
-    if x.shape[0] <= 4 and x.is_cuda:
+    if x.shape[0] <= dispatch.GEMV_MAX_ROWS and x.is_cuda:
         if isinstance(module, Linear4bit) and (residual is None or residual.dtype == module.compute_dtype):
             xc = x.to(module.compute_dtype)
             if dispatch.gemv_fuses(xc, as_bytes(module.weight), module.quant_state):
@@ -123,7 +123,7 @@ class _SharedInput:
             torch.cat([m.lora_A.weight.detach() for m in self.modules], out=self.stack)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.stack is None or x.shape[0] > 4 or not x.is_cuda:
+        if self.stack is None or x.shape[0] > dispatch.GEMV_MAX_ROWS or not x.is_cuda:
             return [project(m, x) for m in self.modules]
         xas = dispatch.lora_down(x.to(self.stack.dtype), self.stack).split(self.ranks, dim=1)
         return [project(m, x, xa) for m, xa in zip(self.modules, xas, strict=True)]

@@ -119,10 +119,13 @@ def gemv_4bit(
     return y if residual is None else y + residual
 
 
+GEMV_MAX_ROWS = 4  # rows of x the fused GEMV takes in one pass (triton.gemv4_smem.MAX_ROWS, a test checks)
+
+
 def gemv_fuses(x: torch.Tensor, raw: torch.Tensor, state: QuantState) -> bool:
     """True when :func:`gemv_4bit` runs the fused kernel for these rows of x: one row on CUDA, up to four on Hopper
     with bfloat16 (a decode batch), a weight with whole blocks per row."""
-    if not use_triton(x) or x.shape[0] > 4:
+    if not use_triton(x) or x.shape[0] > GEMV_MAX_ROWS:
         return False
     from .triton import gemv4
 

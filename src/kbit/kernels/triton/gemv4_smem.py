@@ -31,16 +31,6 @@ prmt.b32 t, $2, 0, $3;
 mad.lo.u32 t, t, 128, $4;
 ld.shared.v2.b32 {$0, $1}, [t];
 }""")
-# The bfloat16 table: both codes in one 4-byte word (even element's in the low half), so half the shared-memory
-# wavefronts of the float32 one; the float32 values are the halves moved to the top (low bits zero).
-_LOOKUP_BF16 = gl.constexpr("""{
-.reg .b32 t, w;
-prmt.b32 t, $2, 0, $3;
-mad.lo.u32 t, t, 128, $4;
-ld.shared.b32 w, [t];
-shl.b32 $0, w, 16;
-and.b32 $1, w, 0xFFFF0000;
-}""")
 
 
 @gluon.jit
@@ -159,7 +149,7 @@ def _gemv4_smem_kernel(
     x_ptr, w_ptr, absmax_ptr, table_ptr, nested_ptr, code8_ptr, offset_ptr, bias_ptr, xa_ptr, lb_ptr, res_ptr, out_ptr,
     M, N, K, KW, KB, NGROUPS, R_LORA, XS, XA_STRIDE, lora_scale, BS: gl.constexpr, NESTED: gl.constexpr,
     NESTED_BS: gl.constexpr, RT: gl.constexpr, REP: gl.constexpr, NUM_WARPS: gl.constexpr, PDL: gl.constexpr,
-    BF16: gl.constexpr, XR: gl.constexpr,
+    XR: gl.constexpr,
     RP: gl.constexpr, XSP: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_LORA: gl.constexpr, HAS_RES: gl.constexpr,
 ):  # fmt: skip
     # [x rows, weight rows, 32-code chunks, words of a chunk, bytes of a word]: a thread holds RT weight rows x REP
@@ -204,8 +194,8 @@ def _gemv4_smem_kernel(
     q, q8, nested = _load_step_w(w_ptr, absmax_ptr, nested_ptr, 0, total, pid, nprog, KSTEPS, R, rows0, N, K, KW, KB,
                                  woff, cq, CH, BS, NESTED, NESTED_BS)  # fmt: skip
 
-    # The table (smem_table): 256 entries of 128 bytes, a copy per lane of a half warp (float32 pairs) or of a warp
-    # (bfloat16 pairs), so that no two lanes of one shared load hit a bank at different addresses.
+    # The table (smem_table): 256 entries of 128 bytes, a copy per lane of a half warp, so that no two lanes of one
+    # 8-byte shared load hit a bank at different addresses.
     tbl = gl.allocate_shared_memory(gl.int32, [8192], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     tbl.store(gl.load(table_ptr + gl.arange(0, 8192, layout=TL)))
     _cta_barrier()
@@ -214,10 +204,7 @@ def _gemv4_smem_kernel(
     xw = _load_x(x_ptr, 0, K, xoff, xmask, cx4)
     base = gl.inline_asm_elementwise("mov.u32 $0, global_smem;", "=r,r", [cq], dtype=gl.int32, is_pure=True,
                                      pack=1)  # fmt: skip
-    if BF16:
-        base2 = gl.expand_dims(base + (cq % 32) * 4, 0)  # [1, CH]: this lane's copy
-    else:
-        base2 = gl.expand_dims(base + (cq % 16) * 8, 0)
+    base2 = gl.expand_dims(base + (cq % 16) * 8, 0)  # [1, CH]: this lane's copy
 
     acc = gl.zeros([XR, R, CH], gl.float32, LS3)
     for t in range(total):
@@ -237,9 +224,8 @@ def _gemv4_smem_kernel(
                 xj = xb0 if j == 0 else (xb1 if j == 1 else (xb2 if j == 2 else xb3))
                 xs = _quarters(xj, gl.SliceLayout(1, LS3))
                 xwj = gl.expand_dims(xs[0] if w == 0 else (xs[1] if w == 1 else (xs[2] if w == 2 else xs[3])), 1)
-                ve, vo = gl.inline_asm_elementwise(_LOOKUP_BF16 if BF16 else _LOOKUP, "=r,=r,r,r,r",
-                                                   [qw, 0x4440 + j, base2], dtype=(gl.int32, gl.int32), is_pure=True,
-                                                   pack=1)  # fmt: skip
+                ve, vo = gl.inline_asm_elementwise(_LOOKUP, "=r,=r,r,r,r", [qw, 0x4440 + j, base2],
+                                                   dtype=(gl.int32, gl.int32), is_pure=True, pack=1)  # fmt: skip
                 ve = gl.expand_dims(gl.convert_layout(ve.to(gl.float32, bitcast=True), LSA), 0)
                 vo = gl.expand_dims(gl.convert_layout(vo.to(gl.float32, bitcast=True), LSA), 0)
                 part = ve * (xwj << 16).to(gl.float32, bitcast=True) + part
@@ -257,25 +243,17 @@ def _gemv4_smem_kernel(
 MAX_ROWS = 4  # x rows per launch: every thread keeps each row's sums (8 spill registers)
 
 
-def smem_table(code: torch.Tensor, build: bool = True, bf16: bool = False) -> torch.Tensor | None:
+def smem_table(code: torch.Tensor, build: bool = True) -> torch.Tensor | None:
     """The kernel's shared-memory table for a 16-entry code table, built on its device and cached (a CUDA graph
-    capture must not build it): 8192 int32 words, entry (byte b, copy c) at b * 32 + ... holding (code[b >> 4],
-    code[b & 15]): as two float32 [256, 16 copies, 2], or ``bf16`` as one word of two bfloat16 [256, 32 copies]."""
-    tables = getattr(code, "_kbit_smem_tables", None)  # kept on the code tensor: lives and dies with the quant state
-    if tables is None:
-        tables = code._kbit_smem_tables = {}
-    table = tables.get(bf16)
+    capture must not build it): [256 bytes, 16 copies, 2] float32 as 8192 int32 words, entry (b, c) holding
+    (code[b >> 4], code[b & 15])."""
+    table = getattr(code, "_kbit_smem_table", None)  # kept on the code tensor: lives and dies with the quant state
     if table is None and build:
         c = code.to(torch.float32)
         b = torch.arange(256, device=code.device)
-        if bf16:
-            bits = c.to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
-            word = bits[b >> 4] | (bits[b & 15] << 16)  # element 2i (high nibble) in the low half
-            table = word[:, None].expand(256, 32).contiguous().reshape(-1)
-        else:
-            pair = torch.stack([c[b >> 4], c[b & 15]], dim=1)  # [256, 2]
-            table = pair[:, None, :].expand(256, 16, 2).contiguous().reshape(-1).view(torch.int32)
-        tables[bf16] = table
+        pair = torch.stack([c[b >> 4], c[b & 15]], dim=1)  # [256, 2]
+        table = pair[:, None, :].expand(256, 16, 2).contiguous().reshape(-1).view(torch.int32)
+        code._kbit_smem_table = table
     return table
 
 
@@ -304,12 +282,11 @@ def gemv_4bit(
     (the weight is read once for all), with the arguments and rounding of
     :func:`kbit.kernels.triton.gemv4.gemv_4bit` (``xa``: for one row x A^T or lora_down's partial sums, for more
     x A^T [M, r]), for a word-aligned packed weight whose table is built (:func:`smem_table`). ``config``: (weight
-    rows per thread, chunks per lane, warps, programs per SM[, bfloat16 table]), by default :func:`config_for`'s.
+    rows per thread, chunks per lane, warps, programs per SM), by default :func:`config_for`'s.
     ``pdl``: launched as a programmatic dependent of the previous kernel (Hopper)."""
     m, k = x.shape
     n = state.shape[0]
-    rt, rep, warps, per_sm, *more = config or config_for(n, k, m)
-    bf16 = bool(more[0]) if more else False
+    rt, rep, warps, per_sm = config or config_for(n, k, m)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     from .gemv4 import nested_args  # gemv4 imports this module lazily: no cycle at import time
 
@@ -322,12 +299,12 @@ def gemv_4bit(
     groups = triton.cdiv(n, rt * warps)
     grid = (min(groups, _sm_count(x.device) * per_sm),)
     _gemv4_smem_kernel[grid](
-        x.view(torch.int32), raw.reshape(-1).view(torch.int32), state.absmax, smem_table(state.code, True, bf16),
+        x.view(torch.int32), raw.reshape(-1).view(torch.int32), state.absmax, smem_table(state.code),
         *extra,
         bias if bias is not None else out, xa if has_lora else out, lora_b.contiguous() if has_lora else out,
         residual.contiguous() if residual is not None else out, out, m, n, k, k // 8, k // state.blocksize, groups,
         rank, parts, xa.stride(0) if has_lora else 0, float(lora_scale), BS=state.blocksize, NESTED=state.nested,
-        NESTED_BS=nested_bs, RT=rt, REP=rep, NUM_WARPS=warps, PDL=pdl, BF16=bf16, XR=triton.next_power_of_2(m),
+        NESTED_BS=nested_bs, RT=rt, REP=rep, NUM_WARPS=warps, PDL=pdl, XR=triton.next_power_of_2(m),
         RP=triton.next_power_of_2(rank), XSP=triton.next_power_of_2(parts), HAS_BIAS=bias is not None,
         HAS_LORA=has_lora, HAS_RES=residual is not None, num_warps=warps, launch_pdl=pdl,
     )  # fmt: skip
