@@ -94,12 +94,11 @@ def project(
         if parts is not None and (residual is None or residual.dtype == parts[0].compute_dtype):
             base, a, b, scale = parts
             xc = x.to(base.compute_dtype)
-            if not dispatch.gemv_fuses(xc, as_bytes(base.weight), base.quant_state):
-                y = module(x)
-                return y if residual is None else residual + y
-            if xa is None:
-                xa = dispatch.lora_down(xc.to(a.dtype), a)  # one small launch shared by every output block
-            return dispatch.gemv_4bit(xc, as_bytes(base.weight), base.quant_state, base.bias, xa, b, scale, residual)
+            if dispatch.gemv_fuses(xc, as_bytes(base.weight), base.quant_state):
+                if xa is None:
+                    xa = dispatch.lora_down(xc.to(a.dtype), a)  # one small launch shared by every output block
+                return dispatch.gemv_4bit(xc, as_bytes(base.weight), base.quant_state, base.bias, xa, b, scale,
+                                          residual)  # fmt: skip
     y = module(x)
     return y if residual is None else residual + y
 

@@ -35,13 +35,11 @@ ld.shared.v2.b32 {$0, $1}, [t];
 
 @gluon.jit
 def _quarters(t, layout: gl.constexpr):
-    """The four slices along the last axis (size 4, held by one thread) of a 2-D to 4-D ``t``, in ``layout``."""
+    """The four slices along the last axis (size 4, held by one thread) of a 3-D or 4-D ``t``, in ``layout``."""
     if len(t.shape) == 4:
         a, b = gl.split(gl.reshape(t, [t.shape[0], t.shape[1], t.shape[2], 2, 2]))  # (0, 2) and (1, 3)
-    elif len(t.shape) == 3:
-        a, b = gl.split(gl.reshape(t, [t.shape[0], t.shape[1], 2, 2]))  # (0, 2) and (1, 3)
     else:
-        a, b = gl.split(gl.reshape(t, [t.shape[0], 2, 2]))
+        a, b = gl.split(gl.reshape(t, [t.shape[0], t.shape[1], 2, 2]))
     t0, t2 = gl.split(a)
     t1, t3 = gl.split(b)
     return (gl.convert_layout(t0, layout), gl.convert_layout(t1, layout), gl.convert_layout(t2, layout),
